@@ -1,0 +1,81 @@
+"""``infer_groups``: capture, interpret with rules, solve, and report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fxmerge.capture.trace import Frontend, capture, split_inputs
+from fxmerge.errors import UnsupportedOpsError
+from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
+from fxmerge.infer.build import build_spec
+from fxmerge.infer.interpret import GraphInterpreter, UnsupportedOp
+from fxmerge.infer.registry import RuleTable
+from fxmerge.ir.spec import PermutationSpec
+
+
+def infer_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    frontend: Frontend = "auto",
+    strict: bool = True,
+    free_outputs: bool = False,
+    rules: RuleTable | None = None,
+) -> PermutationSpec:
+    """Infer which weight axes must share one permutation.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (its train/eval flags are restored).
+        example_inputs: a tensor, a tuple of positional inputs (optionally ending with a dict of keyword
+            inputs), or a dict of keyword inputs. Small inputs are enough: only shapes matter.
+        frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen level) or ``"auto"``
+            (fx, falling back to export).
+        strict: raise :class:`~fxmerge.UnsupportedOpsError` listing every op without a rule; with
+            ``strict=False`` such ops become barriers (their axes frozen) and are listed in the coverage
+            report.
+        free_outputs: leave the model outputs' feature axes free (for feature-level zipping).
+
+    Returns:
+        A :class:`~fxmerge.PermutationSpec` whose ``coverage`` explains every frozen axis.
+
+    Example::
+
+        spec = fxmerge.infer_groups(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        print(spec)
+    """
+    cg = capture(model, example_inputs, frontend, rules=rules)
+    interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
+    args, kwargs = split_inputs(example_inputs)
+    interp.run(cg.flat_inputs(args, kwargs))
+    if strict and interp.unsupported:
+        raise UnsupportedOpsError(format_unsupported(type(model).__name__, interp.unsupported), interp.unsupported)
+    spec = build_spec(interp)
+    spec.graph = cg
+    return spec
+
+
+def format_unsupported(model_name: str, records: list[UnsupportedOp]) -> str:
+    """One readable message listing every op without a rule, grouped by target."""
+    by_target: dict[str, list[UnsupportedOp]] = {}
+    for r in records:
+        by_target.setdefault(r.target, []).append(r)
+    lines = [
+        f"{model_name}: {len(records)} op(s) without a permutation rule ({len(by_target)} kind(s)). "
+        "fxmerge never assumes an unknown op is element-wise."
+    ]
+    for target, recs in by_target.items():
+        params = sorted({p for r in recs for p in r.params})
+        first = recs[0]
+        where = f" at {first.module_path}" if first.module_path else ""
+        lines.append(f"  - {target} x{len(recs)}{where} (node {first.node})")
+        if first.source:
+            lines.append(f"      {first.source}")
+        if params:
+            lines.append(f"      affects {len(params)} parameter(s): {', '.join(params[:6])}{' ...' if len(params) > 6 else ''}")
+    lines.append(
+        "Fix: register a rule with @fxmerge.rule(<target>) (see docs/rules.md), "
+        "or pass strict=False to freeze these ops' axes, or try frontend='export' (ATen-level ops)."
+    )
+    return "\n".join(lines)
