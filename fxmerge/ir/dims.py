@@ -192,6 +192,10 @@ class DimAlgebra:
             for t in terms:
                 if not _linked(rep, t, rep_joint):
                     self.unify_axes(rep, t, why)
+        complete = {sig: js[0] for sig, js in sig_groups.items() if set(sig) <= set(out)}
+        for sig, j in complete.items():
+            for k, c in enumerate(sig):
+                reps[c] = Lvl(j, k)
         result: list[AxisTerm] = []
         for c, n in zip(out, out_shape, strict=True):
             rep = reps.get(c)

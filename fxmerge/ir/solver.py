@@ -112,11 +112,30 @@ class Solver:
         if isinstance(ha, Atom) and isinstance(hb, Atom):
             self._parent[self.find(ha.id)] = self.find(hb.id)
         elif isinstance(ha, Atom):
-            self._struct[self.find(ha.id)] = hb
+            self._struct[self.find(ha.id)] = self._free_bcast(hb)
         elif isinstance(hb, Atom):
-            self._struct[self.find(hb.id)] = ha
+            self._struct[self.find(hb.id)] = self._free_bcast(ha)
         else:
             self._unify_structs(ha, hb, why)
+
+    def _free_bcast(self, t: Term) -> Term:
+        """``t`` with broadcast leaves replaced by fresh atoms: refining an atom to ``t`` must not turn
+        "imposes nothing" (Bcast) into "identity only"."""
+        if not _has_bcast(t):
+            return t
+        if isinstance(t, Bcast):
+            return self.atom(t.size)
+        if isinstance(t, Concat):
+            return concat([self._free_bcast(p) for p in t.parts])
+        if isinstance(t, Product):
+            memo: dict[int, Term] = {}
+            inners = []
+            for x in t.inners:
+                if id(x) not in memo:
+                    memo[id(x)] = self._free_bcast(x)
+                inners.append(memo[id(x)])
+            return product(self._free_bcast(t.outer), inners)
+        return t
 
     def _const_reason(self, h: Term) -> str | None:
         if isinstance(h, Fixed):
@@ -310,6 +329,16 @@ def _as_product_term(outer: Term, inners: list[Term]) -> Term:
     if isinstance(p, Product):
         return p
     return Product(outer, tuple(inners), outer.size * inners[0].size)
+
+
+def _has_bcast(t: Term) -> bool:
+    if isinstance(t, Bcast):
+        return t.size > 1
+    if isinstance(t, Concat):
+        return any(_has_bcast(p) for p in t.parts)
+    if isinstance(t, Product):
+        return _has_bcast(t.outer) or any(_has_bcast(x) for x in _unique(t.inners))
+    return False
 
 
 def _unique(terms: tuple[Term, ...] | list[Term]) -> list[Term]:

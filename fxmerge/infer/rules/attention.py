@@ -10,7 +10,7 @@ from torch import nn
 
 from fxmerge.infer.context import LETTERS, TV, Call, RuleContext
 from fxmerge.infer.registry import rule, torch_forms
-from fxmerge.ir.dims import AxisTerm, Dims
+from fxmerge.ir.dims import AxisTerm, Dims, Lvl, make_joint
 from fxmerge.ir.terms import Bcast, concat, product
 
 
@@ -37,7 +37,27 @@ def sdpa_dims(ctx: RuleContext, q: TV, k: TV, v: TV, mask: TV | None, causal: bo
     if causal:
         ctx.freeze_axis(q, q.ndim - 2, "causal attention depends on query positions")
         ctx.freeze_axis(k, k.ndim - 2, "causal attention depends on key positions")
-    return ctx.link(ops, batch + "hlV", out_shape)
+    out = ctx.link(ops, batch + "hlV", out_shape)
+    return _attention_output(ctx, q, vd, out, out_shape)
+
+
+def _attention_output(ctx: RuleContext, q: TV, vd: Dims, out: Dims, out_shape) -> Dims:
+    """Output head h is query head h, never a broadcast copy of a value head (GQA ``repeat_kv`` makes value
+    heads constant along the repeat): rebuild the (head, value-dim) joint from the query's head term and the
+    value heads' per-head terms."""
+    h_ax, v_ax = len(out_shape) - 3, len(out_shape) - 1
+    heads = ctx.alg.collapse(q.dims, [q.ndim - 3], ctx.why)
+    vh = vd[len(vd) - 3]
+    vdim = vd[len(vd) - 1]
+    if isinstance(vh, Lvl) and isinstance(vdim, Lvl) and vh.joint is vdim.joint and (vh.k, vdim.k) == (0, 1):
+        inners = ctx.alg.level_terms(vh.joint, 1, ctx.why)
+    else:
+        inners = [ctx.plain(vdim)] * out_shape[h_ax]
+    root = product(heads, inners)
+    axes = make_joint(root, (out_shape[h_ax], out_shape[v_ax]))
+    new = list(out)
+    new[h_ax], new[v_ax] = axes[0], axes[1]
+    return ctx.normalize(tuple(new))
 
 
 @rule(F.scaled_dot_product_attention, *torch_forms("scaled_dot_product_attention"), key="sdpa")

@@ -54,7 +54,7 @@ def pool(ctx: RuleContext, call: Call):
     letters = LETTERS[: x.ndim]
     result = []
     for o in outs:
-        dims = list(ctx.link([(x, letters[:lead])], letters[:lead], o.shape[:lead]))
+        dims = list(ctx.link([(x.dims[:lead], letters[:lead])], letters[:lead], o.shape[:lead]))
         dims.extend(ctx.fixed(o.shape[lead:]))
         result.append(tuple(dims))
     return result if isinstance(call.out, tuple) else result[0]
@@ -76,7 +76,7 @@ def pixel_shuffle(ctx: RuleContext, call: Call):
         new = outer
     else:
         new = product(chan, [Fixed(c_out // c_in)] * c_in)
-    lead = ctx.link([(x, LETTERS[: x.ndim - 3])], LETTERS[: x.ndim - 3], out.shape[:-3])
+    lead = ctx.link([(x.dims[:-3], LETTERS[: x.ndim - 3])], LETTERS[: x.ndim - 3], out.shape[:-3])
     return ctx.normalize((*lead, new, *ctx.fixed(out.shape[-2:])))
 
 
@@ -103,5 +103,5 @@ def unfold(ctx: RuleContext, call: Call):
         ctx.freeze_axis(x, i, "unfold mixes neighbouring positions")
     chan = ctx.plain(x.dims[-3])
     taps = out.shape[-2] // chan.size
-    lead = ctx.link([(x, LETTERS[: x.ndim - 3])], LETTERS[: x.ndim - 3], out.shape[:-2])
+    lead = ctx.link([(x.dims[:-3], LETTERS[: x.ndim - 3])], LETTERS[: x.ndim - 3], out.shape[:-3])
     return ctx.normalize((*lead, product(chan, [Fixed(taps)] * chan.size), *ctx.fixed(out.shape[-1:])))
