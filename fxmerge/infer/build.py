@@ -105,7 +105,11 @@ def build_spec(interp: GraphInterpreter) -> PermutationSpec:
         UnsupportedRecord(u.target, u.node, u.module_path, u.source, tuple(u.params)) for u in interp.unsupported
     ]
     probes = _probes(interp, res, {g.id for g in groups})
-    return PermutationSpec(groups, axes, cov, probes, {n: tuple(cg.state[n].shape) for n in axes})
+    contracted = interp.ctx.contracted
+    roles = {n: ["in" if (id(cg.state[n]), a) in contracted else "out" for a in range(len(lays))] for n, lays in axes.items()}
+    spec = PermutationSpec(groups, axes, cov, probes, {n: tuple(cg.state[n].shape) for n in axes})
+    spec.roles = roles
+    return spec
 
 
 def _groups(res: _Resolver, axes: dict[str, list[Layout]]) -> list[Group]:

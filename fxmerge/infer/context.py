@@ -78,10 +78,17 @@ def _flat_tvs(v: Any) -> list[TV]:
 class RuleContext:
     """Constraint operations available to rules; ``why`` names the current node for diagnostics."""
 
-    def __init__(self, solver: Solver) -> None:
+    def __init__(self, solver: Solver, state_ids: set[int] | None = None) -> None:
         self.solver = solver
         self.alg = DimAlgebra(solver)
         self.why = ""
+        self.state_ids = state_ids or set()
+        self.contracted: set[tuple[int, int]] = set()
+
+    def mark_contracted(self, x: TV | None, axis: int) -> None:
+        """Record that ``axis`` of parameter ``x`` is summed over (an *input* axis, unmerged when zipping)."""
+        if x is not None and id(x.value) in self.state_ids:
+            self.contracted.add((id(x.value), axis % max(x.ndim, 1)))
 
     # -- terms
     def atom(self, size: int, origin: str = "") -> Term:
@@ -128,6 +135,11 @@ class RuleContext:
     # -- structural helpers
     def link(self, operands: list[tuple[TV | Dims, str]], out: str, out_shape) -> Dims:
         ops = [(o.dims if isinstance(o, TV) else o, letters) for o, letters in operands if o is not None]
+        for o, letters in operands:
+            if isinstance(o, TV) and id(o.value) in self.state_ids:
+                for i, c in enumerate(letters):
+                    if c not in out and o.shape[i] > 1:
+                        self.mark_contracted(o, i)
         return self.alg.link(ops, out, tuple(out_shape), self.why)
 
     def elementwise(self, call: Call, tensors: list[TV] | None = None) -> Dims | None:

@@ -43,7 +43,7 @@ class GraphInterpreter:
         self.rules = rules or RULES
         self.free_outputs = free_outputs
         self.solver = Solver()
-        self.ctx = RuleContext(self.solver)
+        self.ctx = RuleContext(self.solver, {id(t) for t in cg.state.values()})
         self.param_dims: dict[int, Dims] = {}
         self.names_of: dict[int, list[str]] = {}
         for name, t in cg.state.items():
@@ -261,7 +261,7 @@ def _module_path(node: fx.Node) -> str:
 def _source_line(node: fx.Node) -> str:
     trace = node.meta.get("stack_trace") or node.stack_trace or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    frames = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+    frames = [i for i, ln in enumerate(lines) if ln.startswith("File ") and "/torch/" not in ln]
     if not frames:
         return ""
     i = frames[-1]

@@ -72,6 +72,8 @@ class PermutationSpec:
         self.shapes = shapes or {name: tuple(lay.size for lay in layouts) for name, layouts in axes.items()}
         self._by_id = {g.id: g for g in groups}
         self.graph: Any = None  # the CapturedGraph the spec was inferred from (not serialised)
+        # "in" for axes a rule sums over (consumers, unmerged when zipping), "out" otherwise
+        self.roles: dict[str, list[str]] = {n: ["out"] * len(lays) for n, lays in axes.items()}
 
     # ---------------------------------------------------------------- access
     def group(self, gid: int) -> Group:
@@ -155,6 +157,7 @@ class PermutationSpec:
             "groups": [_group_obj(g) for g in self.groups],
             "axes": {n: [to_obj(lay) for lay in lays] for n, lays in self.axes.items()},
             "probes": {str(k): v for k, v in self.probes.items()},
+            "roles": self.roles,
             "coverage": self.coverage.to_obj(),
         }
         text = json.dumps(obj, indent=indent)
@@ -177,7 +180,9 @@ class PermutationSpec:
             raise SpecError(f"not a valid fxmerge PermutationSpec JSON: {e}") from e
         probes = {int(k): [tuple(x) for x in v] for k, v in obj.get("probes", {}).items()}
         cov = CoverageReport.from_obj(obj.get("coverage", {}))
-        return cls(groups, axes, cov, probes)
+        spec = cls(groups, axes, cov, probes)
+        spec.roles.update(obj.get("roles", {}))
+        return spec
 
     # ------------------------------------------------------------- display
     def summary(self, max_members: int = 4) -> str:

@@ -10,4 +10,5 @@ from fxmerge.infer.rules import (  # noqa: F401  (imported for registration)
     reduce,
     shape,
     slicing,
+    thirdparty,
 )

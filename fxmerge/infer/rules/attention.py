@@ -105,17 +105,20 @@ def multihead_attention(ctx: RuleContext, call: Call):
         ctx.unify(w.dims[0], concat([q_rows, q_rows, v_rows]))
         for x in (query, key, value):
             ctx.unify(x.dims[-1], w.dims[1])
+        ctx.mark_contracted(w, 1)
     else:
         for name, rows, x in (("q_proj_weight", q_rows, query), ("k_proj_weight", q_rows, key),
                               ("v_proj_weight", v_rows, value)):  # fmt: skip
             w = call.param(name)
             ctx.unify(w.dims[0], rows)
             ctx.unify(x.dims[-1], w.dims[1])
+            ctx.mark_contracted(w, 1)
     b = call.param("in_proj_bias")
     if b is not None:
         ctx.unify(b.dims[0], concat([q_rows, q_rows, v_rows]))
     ow, ob = call.param("out_proj.weight"), call.param("out_proj.bias")
     ctx.unify(ow.dims[1], v_rows)
+    ctx.mark_contracted(ow, 1)
     out_feat = ow.dims[0]
     if ob is not None:
         ctx.unify(ob.dims[0], out_feat)

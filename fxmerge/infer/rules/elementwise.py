@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxmerge.infer.context import Call, RuleContext
-from fxmerge.infer.registry import rule, torch_forms
+from fxmerge.infer.registry import aten_packets, rule, torch_forms
 from fxmerge.infer.rules.common import first_tensor, same_letters
 
 _UNARY = (
@@ -249,7 +249,13 @@ _MODULES = (
 )
 
 
-@rule(*_MODULES, *[t for t in _OPERATORS if callable(t)], *torch_forms(*_UNARY, *_BINARY), key="elementwise")
+@rule(
+    *_MODULES,
+    *[t for t in _OPERATORS if callable(t)],
+    *torch_forms(*_UNARY, *_BINARY),
+    *aten_packets("__and__", "__or__", "__xor__", "__lshift__", "__rshift__", "__iand__", "__ior__", "__ixor__"),
+    key="elementwise",
+)
 def elementwise(ctx: RuleContext, call: Call):
     """Broadcasting element-wise op (activations, arithmetic, comparisons, dropout, casts)."""
     out = call.out

@@ -121,6 +121,7 @@ def _conv(ctx: RuleContext, x: TV, w: TV, b: TV | None, groups: int, out: torch.
     for i in range(2, w.ndim):
         ctx.freeze_axis(w, i, "convolution kernel taps")
     out_t = _conv_channels(ctx, x.dims[cx], w, groups, transposed)
+    ctx.mark_contracted(w, 0 if transposed else 1)
     if b is not None:
         ctx.unify(out_t, b.dims[0])
     dims = list(ctx.fixed(out.shape))
