@@ -16,6 +16,7 @@ from fxmerge.infer.api import infer_groups
 from fxmerge.infer.registry import rule
 from fxmerge.ir.report import CoverageReport
 from fxmerge.ir.spec import Group, PermutationSpec
+from fxmerge.merge import MergeResult, merge
 from fxmerge.verify import InvarianceReport, verify_invariance
 
 __version__ = "0.1.0"
@@ -31,12 +32,14 @@ __all__ = [
     "InvarianceError",
     "InvarianceReport",
     "MergeError",
+    "MergeResult",
     "PermutationSpec",
     "SpecError",
     "TaskVectorError",
     "UnsupportedOpsError",
     "capture",
     "infer_groups",
+    "merge",
     "rule",
     "verify_invariance",
 ]

@@ -20,12 +20,14 @@ class _Resolver:
         self.sizes: list[int] = []
         self.origins: list[str] = []
 
-    def layout(self, t: Term) -> Layout:
+    def layout(self, t: Term, create: bool = True) -> Layout:
         h = self.s.head(t)
         if isinstance(h, Atom):
             if self.s.frozen_reason(h) is not None:
                 return LFixed(h.size)
             root = self.s.find(h.id)
+            if root not in self.gid_of and not create:
+                return LFixed(h.size)
             if root not in self.gid_of:
                 self.gid_of[root] = len(self.sizes)
                 self.sizes.append(h.size)
@@ -34,16 +36,16 @@ class _Resolver:
         if isinstance(h, (Fixed, Bcast)):
             return LFixed(h.size)
         if isinstance(h, Concat):
-            parts = tuple(self.layout(p) for p in h.parts)
+            parts = tuple(self.layout(p, create) for p in h.parts)
             return LFixed(h.size) if all(isinstance(p, LFixed) for p in parts) else Cat(parts)
         assert isinstance(h, Product)
         memo: dict[int, Layout] = {}
         inners = []
         for x in h.inners:
             if id(x) not in memo:
-                memo[id(x)] = self.layout(x)
+                memo[id(x)] = self.layout(x, create)
             inners.append(memo[id(x)])
-        outer = self.layout(h.outer)
+        outer = self.layout(h.outer, create)
         if isinstance(outer, LFixed) and all(isinstance(i, LFixed) for i in inners):
             return LFixed(h.size)
         return Prod(outer, tuple(inners))
@@ -109,6 +111,7 @@ def build_spec(interp: GraphInterpreter) -> PermutationSpec:
     roles = {n: ["in" if (id(cg.state[n]), a) in contracted else "out" for a in range(len(lays))] for n, lays in axes.items()}
     spec = PermutationSpec(groups, axes, cov, probes, {n: tuple(cg.state[n].shape) for n in axes})
     spec.roles = roles
+    spec.layout_probes = layout_probes(interp, res)
     return spec
 
 
@@ -163,16 +166,31 @@ def _mark_blocks(lay: Layout, groups: dict[int, Group]) -> None:
 
 def _probes(interp: GraphInterpreter, res: _Resolver, valid: set[int]) -> dict[int, list[tuple[str, int]]]:
     out: dict[int, list[tuple[str, int]]] = {}
+    for node_name, axes, lay in layout_probes(interp, res):
+        if isinstance(lay, G) and lay.gid in valid and len(axes) == 1:
+            out.setdefault(lay.gid, []).append((node_name, axes[0]))
+    return out
+
+
+def layout_probes(interp: GraphInterpreter, res: _Resolver) -> list[tuple[str, tuple[int, ...], Layout]]:
+    """(node, axes, layout) for every activation whose axes carry a group or a structured group layout."""
+    found = []
     for node in interp.cg.gm.graph.nodes:
         dims = node.meta.get(META_DIMS)
-        if not isinstance(dims, tuple):
+        if not isinstance(dims, tuple) or node.op in ("placeholder", "get_attr", "output"):
             continue
+        joints: dict[int, list[tuple[int, int]]] = {}
         for axis, d in enumerate(dims):
-            if isinstance(d, Lvl) or d.size <= 1:
-                continue
-            h = interp.solver.head(d)
-            if isinstance(h, Atom) and interp.solver.frozen_reason(h) is None:
-                gid = res.gid_of.get(interp.solver.find(h.id))
-                if gid is not None and gid in valid:
-                    out.setdefault(gid, []).append((node.name, axis))
-    return out
+            if isinstance(d, Lvl):
+                joints.setdefault(id(d.joint), []).append((d.k, axis))
+            elif d.size > 1 and not isinstance(interp.solver.head(d), (Fixed, Bcast)):
+                lay = res.layout(d, create=False)
+                if isinstance(lay, (G, Prod)):
+                    found.append((node.name, (axis,), lay))
+        for levels in joints.values():
+            levels.sort()
+            j = next(d.joint for d in dims if isinstance(d, Lvl) and d.k == levels[0][0])
+            lay = res.layout(j.root, create=False)
+            if isinstance(lay, Prod):
+                found.append((node.name, tuple(a for _, a in levels), lay))
+    return found

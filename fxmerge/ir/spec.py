@@ -74,6 +74,8 @@ class PermutationSpec:
         self.graph: Any = None  # the CapturedGraph the spec was inferred from (not serialised)
         # "in" for axes a rule sums over (consumers, unmerged when zipping), "out" otherwise
         self.roles: dict[str, list[str]] = {n: ["out"] * len(lays) for n, lays in axes.items()}
+        # (node, axes, layout) activation points in ``graph`` (not serialised; re-inferred with the graph)
+        self.layout_probes: list[tuple[str, tuple[int, ...], Layout]] = []
 
     # ---------------------------------------------------------------- access
     def group(self, gid: int) -> Group:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.capture.trace import split_inputs
-from fxmerge.ir.layout import Cat, G, LFixed, Layout, Prod
+from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
 
 

@@ -1,0 +1,181 @@
+"""``fxmerge.merge``: one entry point for every graph-level merge method."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxmerge.errors import FxmergeError, MergeError
+from fxmerge.infer.api import infer_groups
+from fxmerge.ir.layout import G
+from fxmerge.ir.spec import PermutationSpec
+from fxmerge.merge.engine import (
+    MatchOptions,
+    coordinate_descent,
+    identity_transforms,
+    solve_spaces,
+    unit_vectors,
+)
+from fxmerge.merge.engine import weight_similarity as _wsim
+from fxmerge.merge.features import activation_correlations
+from fxmerge.merge.spaces import find_spaces
+from fxmerge.merge.transform import Transforms, merge_state
+
+METHODS = ("average", "rebasin", "act_align", "zipit", "wzip", "mudsc")
+NEEDS_DATA = {"act_align", "zipit", "mudsc"}
+
+
+@dataclass
+class MergeResult:
+    """A merged model with the original architecture, the spec it was merged on, and a report."""
+
+    model: nn.Module
+    spec: PermutationSpec
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def merge(
+    models: list[nn.Module],
+    *,
+    method: str,
+    data: Any = None,
+    example_inputs: Any,
+    alpha: float = 0.5,
+    matcher: str = "align",
+    seed: int = 0,
+    reset_bn: bool = True,
+    progress: bool = True,
+    frontend: str = "auto",
+    max_sweeps: int = 30,
+    patience: int = 5,
+    zip_alpha: float = 0.5,
+    zip_beta: float = 1.0,
+    max_batches: int | None = None,
+    spec: PermutationSpec | None = None,
+) -> MergeResult:
+    """Merge ``models`` (same architecture, N >= 2) into one.
+
+    Methods: ``"average"`` (plain weight averaging), ``"rebasin"`` (Git Re-Basin weight matching,
+    coordinate descent), ``"act_align"`` (Hungarian on activation correlations), ``"zipit"`` (ZipIt greedy
+    zip on activations), ``"wzip"`` (zip on weight correlations), ``"mudsc"`` (``alpha`` mixes weight and
+    activation similarity; ``matcher`` "align" or "zip"; coordinate descent in random order, stopping after
+    ``patience`` sweeps without improvement). ``data`` is any iterable of batches (tensor, tuple/list whose
+    first item is the input, or dict of keyword inputs). BatchNorm statistics are re-estimated on ``data``
+    when ``reset_bn`` and the model has BatchNorm. The input models are never modified.
+    """
+    t0 = time.perf_counter()
+    _validate(models, method, data, matcher, alpha)
+    spec = spec or infer_groups(models[0], example_inputs, frontend=frontend)
+    for i, m in enumerate(models):
+        try:
+            spec.check_model(m)
+        except FxmergeError as e:
+            raise MergeError(f"model {i} does not have model 0's architecture: {e}") from e
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    _check_finite(states)
+    n = len(models)
+    spaces, stuck = find_spaces(spec)
+    opts = MatchOptions(matcher="zip" if method in ("zipit", "wzip") else matcher, zip_alpha=zip_alpha,
+                        zip_beta=zip_beta, weight_sim="dot" if method == "rebasin" else "corr")  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    act = {}
+    t1 = time.perf_counter()
+    if method in NEEDS_DATA:
+        act = activation_correlations(models, spec, spaces, data, example_inputs, progress=progress, seed=seed,
+                                      max_batches=max_batches)  # fmt: skip
+    t2 = time.perf_counter()
+    tr, log = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict(merge_state(spec, states, tr))
+    if reset_bn and data is not None and _has_bn(merged):
+        from fxmerge.passes.bn import reset_bn_stats
+
+        merged = reset_bn_stats(merged, data, progress=progress, num_batches=max_batches)
+    report = {
+        "method": method,
+        "options": {"alpha": alpha, "matcher": opts.matcher, "seed": seed, "zip_alpha": zip_alpha,
+                    "zip_beta": zip_beta, "reset_bn": reset_bn},
+        "n_models": n,
+        "groups": len(spec),
+        "spaces": len(spaces),
+        "identity_groups": sorted(stuck),
+        "space_values": {_name(k): float(m.value) for k, m in tr.items()},
+        "sweeps": log.get("sweeps", 0),
+        "sweep_values": log.get("values", []),
+        "timings": {"infer": t1 - t0, "statistics": t2 - t1, "solve_and_apply": time.perf_counter() - t2},
+    }
+    return MergeResult(merged, spec, report)
+
+
+def _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience) -> tuple[Transforms, dict]:
+    n = len(states)
+    ident = identity_transforms(spaces, n)
+    if method == "average":
+        return ident, {}
+    if method in ("act_align", "zipit"):
+        return _act_then_weights(spec, spaces, states, act, opts, ident), {}
+    if method == "wzip":
+        sims = {k: _weight_sim(spec, spaces[k], states, ident) for k in spaces}
+        return solve_spaces(list(spaces), spaces, sims, n, opts), {}
+    if method == "rebasin":
+        tr, log = coordinate_descent(spec, spaces, states, {}, opts, alpha=1.0, init=ident, generator=gen,
+                                     max_sweeps=max_sweeps, patience=min(patience, 2))  # fmt: skip
+        return tr, {"sweeps": log.sweeps, "values": log.values}
+    init = _act_then_weights(spec, spaces, states, act, opts, ident)
+    tr, log = coordinate_descent(spec, spaces, states, act, opts, alpha=alpha, init=init, generator=gen,
+                                 max_sweeps=max_sweeps, patience=patience)  # fmt: skip
+    return tr, {"sweeps": log.sweeps, "values": log.values}
+
+
+def _act_then_weights(spec, spaces, states, act, opts, ident) -> Transforms:
+    """Spaces with activation probes are matched on activations; the rest (e.g. heads inside an opaque
+    attention leaf) on weights, with the activation-matched neighbours' transforms applied."""
+    n = len(states)
+    with_act = [k for k in spaces if act.get(k) is not None]
+    tr = dict(ident)
+    tr.update(solve_spaces(with_act, spaces, {k: act[k] for k in with_act}, n, opts))
+    rest = [k for k in spaces if k not in with_act]
+    sims = {k: _weight_sim(spec, spaces[k], states, tr) for k in rest}
+    tr.update(solve_spaces(rest, spaces, sims, n, opts))
+    return tr
+
+
+def _weight_sim(spec, space, states, tr) -> torch.Tensor:
+    return _wsim(unit_vectors(spec, space, states, tr), "corr")
+
+
+def _validate(models, method, data, matcher, alpha) -> None:
+    if not isinstance(models, (list, tuple)) or len(models) < 2:
+        raise MergeError("merge needs a list of at least 2 models")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise MergeError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module")
+    if method not in METHODS:
+        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in NEEDS_DATA and data is None:
+        raise MergeError(f"method {method!r} needs data (any iterable of input batches) for activation statistics")
+    if matcher not in ("align", "zip"):
+        raise MergeError(f"matcher must be 'align' or 'zip', got {matcher!r}")
+    if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
+        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _check_finite(states) -> None:
+    for i, st in enumerate(states):
+        for name, t in st.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeError(f"model {i} has NaN/Inf values in {name!r}; fix or drop that checkpoint")
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _name(key) -> str:
+    return f"g{key.gid}" if isinstance(key, G) else f"g{key.outer.gid}x[{len(key.inners)} blocks]"

@@ -1,0 +1,154 @@
+"""Similarities and matchings per space, and the iterative (coordinate-descent) solvers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fxmerge.ir.layout import Layout
+from fxmerge.ir.spec import PermutationSpec
+from fxmerge.match import Matching, align, align_groups, assign_blocks, block_scores, zip_groups, zip_match
+from fxmerge.merge.spaces import Space
+from fxmerge.merge.transform import Transforms, identity_matching, transform_param
+
+
+@dataclass
+class MatchOptions:
+    matcher: str = "align"  # "align" | "zip"
+    r: float | None = None  # zip reduction; default keeps the width (1 - 1/N)
+    zip_alpha: float = 0.5
+    zip_beta: float = 1.0
+    weight_sim: str = "corr"  # "corr" (MuDSC) | "dot" (Git Re-Basin)
+
+
+@dataclass
+class SolveLog:
+    sweeps: int = 0
+    values: list[float] = field(default_factory=list)
+
+
+def unit_vectors(
+    spec: PermutationSpec, space: Space, states: list[dict[str, torch.Tensor]], tr: Transforms
+) -> list[torch.Tensor]:
+    """Per model, [C, D]: each unit's weight entries over every slot, neighbours' transforms applied."""
+    n = len(states)
+    out = []
+    for m, st in enumerate(states):
+        cols = []
+        for slot in space.slots:
+            w = transform_param(spec, slot.param, st[slot.param].double(), m, n, tr, skip=space.key)
+            w = w.narrow(slot.axis, slot.offset, space.size * slot.unit).movedim(slot.axis, 0)
+            cols.append(w.reshape(space.size, -1))
+        out.append(torch.cat(cols, dim=1))
+    return out
+
+
+def weight_similarity(vecs: list[torch.Tensor], kind: str) -> torch.Tensor:
+    x = torch.cat(vecs, dim=0)
+    if kind == "dot":
+        return x @ x.T
+    x = x - x.mean(dim=1, keepdim=True)
+    norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = x / norm
+    return x @ x.T
+
+
+def solve_spaces(
+    keys: list[Layout], spaces: dict[Layout, Space], sims: dict[Layout, torch.Tensor], n: int, opts: MatchOptions
+) -> Transforms:
+    """Match each listed space; structured spaces sharing an outer group share one block assignment."""
+    out: Transforms = {}
+    by_outer: dict[int, list[Layout]] = {}
+    for k in keys:
+        sp = spaces[k]
+        if sp.structured:
+            by_outer.setdefault(sp.outer, []).append(k)
+        else:
+            out[k] = _match_plain(sims[k], [sp.size] * n, opts)
+    for ks in by_outer.values():
+        g = spaces[ks[0]].n_blocks
+        scores = sum(block_scores(sims[k], [spaces[k].size] * n, g) for k in ks)
+        blocks = assign_blocks(scores)
+        for k in ks:
+            out[k] = _match_groups(sims[k], [spaces[k].size] * n, g, blocks, opts)
+    return out
+
+
+def _zip_r(n: int, opts: MatchOptions) -> float:
+    return opts.r if opts.r is not None else 1.0 - 1.0 / n
+
+
+def _match_plain(sim: torch.Tensor, sizes: list[int], opts: MatchOptions) -> Matching:
+    if opts.matcher == "zip":
+        return zip_match(sim, sizes, r=_zip_r(len(sizes), opts), alpha=opts.zip_alpha, beta=opts.zip_beta)
+    return align(sim, sizes)
+
+
+def _match_groups(sim, sizes, g, blocks, opts: MatchOptions) -> Matching:
+    if opts.matcher == "zip":
+        r = _zip_r(len(sizes), opts)
+        return zip_groups(sim, sizes, g, r=r, alpha=opts.zip_alpha, beta=opts.zip_beta, block_assignment=blocks)
+    return align_groups(sim, sizes, g, block_assignment=blocks)
+
+
+def coordinate_descent(
+    spec: PermutationSpec,
+    spaces: dict[Layout, Space],
+    states: list[dict[str, torch.Tensor]],
+    act: dict[Layout, torch.Tensor],
+    opts: MatchOptions,
+    *,
+    alpha: float,
+    init: Transforms,
+    generator: torch.Generator,
+    max_sweeps: int = 30,
+    patience: int = 5,
+) -> tuple[Transforms, SolveLog]:
+    """MuDSC / weight matching: revisit spaces in random order, re-solving each from
+    ``alpha * S_weight + (1 - alpha) * S_act`` with the neighbours' current transforms; stop when the mean
+    matching value has not improved for ``patience`` sweeps and return the best transforms seen."""
+    n = len(states)
+    tr = dict(init)
+    best, best_val = dict(tr), -float("inf")
+    log = SolveLog()
+    stale = 0
+    groups = _outer_groups(spaces)
+    for _ in range(max_sweeps):
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        for i in order:
+            keys = groups[i]
+            sims = {}
+            for k in keys:
+                s_w = weight_similarity(unit_vectors(spec, spaces[k], states, tr), opts.weight_sim)
+                s_a = act.get(k)
+                sims[k] = s_w if s_a is None else alpha * s_w + (1 - alpha) * s_a.to(s_w)
+            tr.update(solve_spaces(keys, spaces, sims, n, opts))
+        value = sum(tr[k].value for k in spaces) / max(len(spaces), 1)
+        log.sweeps += 1
+        log.values.append(value)
+        if value > best_val + 1e-9:
+            best, best_val, stale = dict(tr), value, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return best, log
+
+
+def _outer_groups(spaces: dict[Layout, Space]) -> list[list[Layout]]:
+    """Spaces solved together: structured spaces of one outer group form one unit of work."""
+    out: list[list[Layout]] = []
+    seen: dict[int, int] = {}
+    for k, sp in spaces.items():
+        if sp.structured:
+            if sp.outer in seen:
+                out[seen[sp.outer]].append(k)
+                continue
+            seen[sp.outer] = len(out)
+        out.append([k])
+    return out
+
+
+def identity_transforms(spaces: dict[Layout, Space], n: int) -> Transforms:
+    return {k: identity_matching(sp.size, n) for k, sp in spaces.items()}

@@ -1,0 +1,119 @@
+"""Apply per-space merge/unmerge matrices to parameters along their layouts.
+
+For model ``m`` and a parameter ``W``: the *averaging* axis (the first output axis that carries a group)
+gets the merge matrix ``M_m`` (rows average cluster members, so summing over models averages); every
+other grouped axis gets ``U_m^T`` (0/1 selection of the model's members). Fixed parts of the averaging
+axis, and parameters without any grouped output axis, are scaled by ``1/N``. Summing the transformed
+parameters over models gives the merged parameter (ZipIt's ``sum_m M_out W U_in``; for permutations,
+the average of the aligned models).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
+from fxmerge.ir.spec import PermutationSpec
+from fxmerge.match import Matching
+
+Transforms = dict[Layout, Matching]
+
+
+def _along(x: torch.Tensor, axis: int, mat: torch.Tensor, unit: int) -> torch.Tensor:
+    """``mat @ x`` along ``axis``, where each unit spans ``unit`` consecutive entries."""
+    y = x.movedim(axis, 0)
+    rest = y.shape[1:]
+    z = mat.to(y.dtype) @ y.reshape(mat.shape[1], -1)
+    return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
+
+
+def apply_layout(
+    x: torch.Tensor, axis: int, lay: Layout, m: int, n_models: int, tr: Transforms, average: bool, unit: int = 1,
+    skip: Layout | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Transform ``x`` along ``axis`` (whose layout is ``lay``) for model ``m``."""
+    if isinstance(lay, LFixed) or (skip is not None and lay == skip):
+        return x / n_models if average else x
+    if lay in tr:
+        mt = tr[lay]
+        mat = mt.merge[m] if average else mt.unmerge[m].T
+        return _along(x, axis, mat, unit)
+    if isinstance(lay, G):  # a group kept at the identity
+        return x / n_models if average else x
+    if isinstance(lay, Cat):
+        pieces = torch.split(x, [p.size * unit for p in lay.parts], dim=axis)
+        return torch.cat([apply_layout(pc, axis, p, m, n_models, tr, average, unit, skip)
+                          for pc, p in zip(pieces, lay.parts, strict=True)], dim=axis)  # fmt: skip
+    assert isinstance(lay, Prod)
+    inner = lay.inners[0].size
+    if all(isinstance(i, LFixed) for i in lay.inners):
+        return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip)
+    if isinstance(lay.outer, LFixed):
+        pieces = torch.split(x, inner * unit, dim=axis)
+        return torch.cat([apply_layout(pc, axis, i, m, n_models, tr, average, unit, skip)
+                          for pc, i in zip(pieces, lay.inners, strict=True)], dim=axis)  # fmt: skip
+    return x / n_models if average else x
+
+
+def averaging_axis(spec: PermutationSpec, name: str) -> int | None:
+    """The axis that carries the merge matrix: first grouped output axis, else first output axis."""
+    roles = spec.roles.get(name, ["out"] * len(spec.axes[name]))
+    lays = spec.axes[name]
+    for a, (lay, role) in enumerate(zip(lays, roles, strict=True)):
+        if role == "out" and not isinstance(lay, LFixed):
+            return a
+    for a, lay in enumerate(lays):
+        if not isinstance(lay, LFixed):
+            return a
+    return None
+
+
+def transform_param(
+    spec: PermutationSpec, name: str, x: torch.Tensor, m: int, n_models: int, tr: Transforms,
+    skip: Layout | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Model ``m``'s contribution to the merged value of parameter ``name``."""
+    avg = averaging_axis(spec, name)
+    out = x
+    for a, lay in enumerate(spec.axes[name]):
+        out = apply_layout(out, a, lay, m, n_models, tr, a == avg, 1, skip)
+    return out if avg is not None else out / n_models
+
+
+def merge_state(
+    spec: PermutationSpec, states: list[dict[str, torch.Tensor]], tr: Transforms
+) -> dict[str, torch.Tensor]:
+    """Merged values of every tensor in ``states[0]`` (tensors outside the spec are averaged)."""
+    n = len(states)
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in states[0].items():
+        if not ref.is_floating_point():
+            out[name] = ref.clone()
+            continue
+        if name in spec.axes:
+            acc = sum(transform_param(spec, name, s[name].double(), m, n, tr) for m, s in enumerate(states))
+        else:
+            acc = sum(s[name].double() for s in states) / n
+        out[name] = acc.to(ref.dtype)
+    return out
+
+
+def identity_matching(size: int, n_models: int) -> Matching:
+    eye = torch.eye(size, dtype=torch.float64)
+    return Matching([eye / n_models] * n_models, [eye.clone() for _ in range(n_models)], 1.0)
+
+
+def perms_from(spec: PermutationSpec, key: Layout, mt: Matching, m: int) -> dict[int, torch.Tensor]:
+    """Group permutations realising a one-to-one matching of model ``m`` onto the merged order."""
+    full = mt.unmerge[m].T.argmax(dim=1)  # merged unit k <- unit full[k] of model m
+    if isinstance(key, G):
+        return {key.gid: full}
+    assert isinstance(key, Prod) and isinstance(key.outer, G)
+    c = key.inners[0].size
+    blocks = full.view(-1, c)[:, 0] // c
+    out = {key.outer.gid: blocks}
+    for k, b in enumerate(blocks.tolist()):
+        inner = key.inners[b]
+        if isinstance(inner, G):
+            out[inner.gid] = full[k * c : (k + 1) * c] - b * c
+    return out

@@ -1,0 +1,56 @@
+"""Normalising user data into model call arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from fxmerge.errors import MergeError
+
+__all__ = ["batch_inputs", "iter_inputs"]
+
+
+def batch_inputs(batch: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) for ``model(*args, **kwargs)`` from one batch.
+
+    A tensor is the input; a tuple/list holds the input first (e.g. ``(images, labels)``, the rest is
+    ignored); a dict (string keys) holds keyword inputs (e.g. ``{"input_ids": …, "attention_mask": …}``).
+    """
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise MergeError(
+                "a data batch is an empty tuple/list; a tuple/list batch must hold the input first."
+            )
+        return (batch[0],), {}
+    if isinstance(batch, Mapping):
+        if not all(isinstance(k, str) for k in batch):
+            raise MergeError(
+                f"a dict batch must have string keys (keyword inputs), got keys {list(batch)!r}."
+            )
+        return (), dict(batch)
+    raise MergeError(
+        f"cannot use a batch of type {type(batch).__name__} as model input; give a tensor, a tuple/list whose "
+        "first item is the input, or a dict of keyword inputs (or pass input_fn to convert batches)."
+    )
+
+
+def iter_inputs(data: Any) -> Iterator[tuple[tuple, dict]]:
+    """Yield (args, kwargs) for every batch of ``data``.
+
+    ``data`` is an iterable of batches (a DataLoader, a list of tensors, …), each in one of the forms
+    accepted by :func:`batch_inputs`. A single tensor or a single dict is treated as one batch.
+    Raises :class:`~fxmerge.errors.MergeError` for anything else.
+    """
+    if isinstance(data, (Tensor, Mapping)):
+        yield batch_inputs(data)
+        return
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise MergeError(
+            f"data must be an iterable of batches (e.g. a DataLoader or a list of tensors), got {type(data).__name__}."
+        )
+    for batch in data:
+        yield batch_inputs(batch)

@@ -1,0 +1,233 @@
+"""Streaming first and second moments of the concatenated units of N models, and their correlation.
+
+This is the activation statistic of ZipIt / MuDSC (``/work/shared/reference/mudsc.md`` §2): all models
+see the same samples, their features are concatenated along the unit axis (D = Σ dims), and the
+Pearson correlation over all samples fills every block (cross-model and within-model).
+
+Accumulation is a symmetric rank-k update of a D×D buffer: only the block upper triangle is computed
+(one GEMM per block row, ≈ (b+1)/(2b) of a full product for b blocks), into a preallocated buffer.
+Samples are shifted by the mean of the first batch before accumulating, which keeps E[xxᵀ] − μμᵀ
+accurate when activations have large means. Memory is O(D²) plus one bounded work buffer,
+independent of the number of samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fxmerge.errors import MergeError
+from fxmerge.match.types import check_sizes
+
+__all__ = ["CorrelationAccumulator"]
+
+_WORK_ELEMENTS = 1 << 23  # samples are processed in chunks of at most this many D-vectors' entries
+_BLOCK = 256  # target block size of the block-triangular update
+
+
+def _bounds(total: int) -> list[int]:
+    blocks = max(1, min(8, total // _BLOCK))
+    return [total * i // blocks for i in range(blocks + 1)]
+
+
+class CorrelationAccumulator:
+    """Accumulate sums and cross second moments of ``[feats_0 | feats_1 | …]`` over many batches.
+
+    ``dims[m]`` is the number of units of model m. ``dtype`` is the accumulation precision (float64 by
+    default); ``device`` the device of the D×D buffers (default: that of the first batch). With
+    ``nonfinite="zero"``, NaN/±inf features are replaced by 0 (the reference code's behaviour);
+    the default ``"error"`` raises :class:`~fxmerge.errors.MergeError` instead.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        nonfinite: str = "error",
+    ) -> None:
+        self.dims = check_sizes(dims, "dims")
+        if dtype not in (torch.float32, torch.float64):
+            raise MergeError(f"dtype must be torch.float32 or torch.float64, got {dtype}.")
+        if nonfinite not in ("error", "zero"):
+            raise MergeError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}.")
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
+        self.nonfinite = nonfinite
+        self.total = sum(self.dims)
+        self._bounds = _bounds(self.total)
+        self._count = 0
+        self._reduced = False
+        self._shift: Tensor | None = None
+        self._buffers: dict[str, Tensor] = {}
+        if self.device is not None:
+            self._allocate(self.device)
+
+    @property
+    def count(self) -> int:
+        """Number of samples accumulated so far (across processes after :meth:`all_reduce`)."""
+        return self._count
+
+    def _allocate(self, device: torch.device) -> None:
+        d, kw = self.total, {"dtype": self.dtype, "device": device}
+        self.device = device
+        self._buffers = {
+            "sum": torch.zeros(d, **kw),
+            "moment": torch.zeros(d, d, **kw),
+            "min": torch.full((d,), math.inf, **kw),
+            "max": torch.full((d,), -math.inf, **kw),
+        }
+
+    def _check(self, feats: Sequence[Tensor]) -> int:
+        if isinstance(feats, Tensor) or len(feats) != len(self.dims):
+            got = "a single tensor" if isinstance(feats, Tensor) else f"{len(feats)} tensors"
+            raise MergeError(
+                f"update() needs a list of {len(self.dims)} feature tensors (one per model), got {got}."
+            )
+        n = None
+        for m, (f, d) in enumerate(zip(feats, self.dims, strict=True)):
+            if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[1] != d:
+                shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                raise MergeError(
+                    f"feats[{m}] must be [n_samples, {d}] (model {m} has {d} units), got {shape}."
+                )
+            if n is not None and f.shape[0] != n:
+                raise MergeError(
+                    f"feats[{m}] has {f.shape[0]} samples but feats[0] has {n}; models must see the same samples."
+                )
+            n = f.shape[0]
+        return int(n)
+
+    def _work(self, feats: Sequence[Tensor], start: int, stop: int) -> Tensor:
+        """Units × samples block [D, stop-start] in the accumulation dtype (a reused buffer)."""
+        width = stop - start
+        buf = self._buffers.get("work")
+        if buf is None or buf.shape[1] < width:
+            buf = torch.empty(self.total, width, dtype=self.dtype, device=self.device)
+            self._buffers["work"] = buf
+        w = buf[:, :width]
+        row = 0
+        for f, d in zip(feats, self.dims, strict=True):
+            w[row : row + d].copy_(f[start:stop].detach().T)
+            row += d
+        if not bool(torch.isfinite(w).all()):
+            if self.nonfinite == "error":
+                raise MergeError(
+                    "features contain NaN or inf; fix the model/data or pass nonfinite='zero' to treat them as 0."
+                )
+            torch.nan_to_num_(w, nan=0.0, posinf=0.0, neginf=0.0)
+        return w
+
+    def update(self, feats: Sequence[Tensor]) -> None:
+        """Add a batch: ``feats[m]`` is [n_samples, dims[m]], rows are the same samples for every model."""
+        if self._reduced:
+            raise MergeError(
+                "update() after all_reduce(): the statistics are already global; start a new accumulator."
+            )
+        n = self._check(feats)
+        if n == 0:
+            return
+        if not self._buffers:
+            self._allocate(feats[0].device)
+        chunk = max(64, _WORK_ELEMENTS // self.total)
+        for start in range(0, n, chunk):
+            self._accumulate(self._work(feats, start, min(n, start + chunk)))
+
+    def _accumulate(self, w: Tensor) -> None:
+        b = self._buffers
+        torch.minimum(b["min"], w.amin(dim=1), out=b["min"])
+        torch.maximum(b["max"], w.amax(dim=1), out=b["max"])
+        if self._shift is None:
+            self._shift = w.mean(dim=1)
+        w.sub_(self._shift[:, None])
+        b["sum"].add_(w.sum(dim=1))
+        m, bounds = b["moment"], self._bounds
+        for lo, hi in itertools.pairwise(bounds):
+            m[lo:hi, lo:].addmm_(w[lo:hi], w[lo:].T)
+        self._count += w.shape[1]
+
+    def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
+        """Sum the statistics over all processes of ``group`` (no-op without an initialised process group).
+
+        Call it once, after every process has made all its updates; afterwards every process holds
+        the global statistics and further updates are refused.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self._reduced:
+            raise MergeError("all_reduce() was already called on this accumulator.")
+        if not self._buffers:
+            backend = dist.get_backend(group)
+            self._allocate(
+                torch.device("cuda", torch.cuda.current_device())
+                if backend == "nccl"
+                else torch.device("cpu")
+            )
+        b = self._buffers
+        shift = self._shift if self._shift is not None else torch.zeros_like(b["sum"])
+        count = torch.tensor([self._count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, group=group)
+        weighted = shift * float(self._count)
+        dist.all_reduce(weighted, group=group)
+        total = int(count.item())
+        common = weighted / float(total) if total > 0 else torch.zeros_like(shift)
+        self._recenter(shift - common)
+        self._shift = common
+        ops = {
+            "sum": dist.ReduceOp.SUM,
+            "moment": dist.ReduceOp.SUM,
+            "min": dist.ReduceOp.MIN,
+            "max": dist.ReduceOp.MAX,
+        }
+        for key, op in ops.items():
+            dist.all_reduce(b[key], op=op, group=group)
+        self._count = total
+        self._reduced = True
+
+    def _recenter(self, delta: Tensor) -> None:
+        """Re-express local sums about shift − delta: y' = y + delta."""
+        b, n = self._buffers, float(self._count)
+        old = b["sum"].clone()
+        b["moment"].addr_(delta, old).addr_(old, delta).addr_(delta, delta, alpha=n)
+        b["sum"].add_(delta, alpha=n)
+
+    def _centered(self) -> tuple[Tensor, Tensor]:
+        if self._count == 0:
+            raise MergeError("no samples were accumulated; call update() with at least one batch first.")
+        b, n = self._buffers, float(self._count)
+        upper = b["moment"].triu()
+        second = upper + upper.triu(1).T
+        mean_y = b["sum"] / n
+        return mean_y, second / n - torch.outer(mean_y, mean_y)
+
+    def mean(self) -> Tensor:
+        """Per-unit mean [D] over all samples."""
+        mean_y, _ = self._centered()
+        return mean_y + self._shift
+
+    def covariance(self) -> Tensor:
+        """Population covariance [D, D] (divided by the sample count), exactly symmetric."""
+        return self._centered()[1]
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation [D, D], exactly symmetric, entries in [-1, 1], no NaN.
+
+        A unit that never changed value (min == max over all samples) or has zero variance gets
+        correlation 0 with every other unit and 1 with itself.
+        """
+        cov = self.covariance()
+        var = cov.diagonal().clamp_min(0.0)
+        constant = (self._buffers["max"] <= self._buffers["min"]) | (var <= 0)
+        std = torch.where(constant, torch.ones_like(var), var.sqrt())
+        corr = cov / torch.outer(std, std)
+        corr[constant, :] = 0.0
+        corr[:, constant] = 0.0
+        corr.clamp_(-1.0, 1.0)
+        corr.fill_diagonal_(1.0)
+        return corr

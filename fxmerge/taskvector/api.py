@@ -1,0 +1,202 @@
+"""Public entry point :func:`merge_task_vectors` and the streamed merge driver behind it and the CLI."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fxmerge.errors import TaskVectorError
+from fxmerge.taskvector.engine import Context, compute_dp_shifts, compute_global_thresholds, merge_tensor
+from fxmerge.taskvector.methods import MergeOptions, build_options
+from fxmerge.taskvector.params import Param, per_model
+from fxmerge.taskvector.plan import TensorPlan, build_plan, check_counts, resolve_params
+from fxmerge.taskvector.sources import TensorSource, open_source
+from fxmerge.taskvector.writer import LazyStateDict, ShardedWriter
+
+
+class TaskVectorWarning(UserWarning):
+    """A merge went ahead with a caveat (shape mismatch handled by policy, missing tensors)."""
+
+
+@dataclass
+class MergeReport:
+    """Summary of one merge (what the CLI prints with ``--json``)."""
+
+    method: str
+    n_models: int
+    n_tensors: int
+    n_merged: int
+    n_params: int
+    out_bytes: int
+    seconds: float = 0.0
+    out_dir: str | None = None
+    shards: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge_task_vectors(
+    base: object,
+    models: Sequence[object],
+    *,
+    method: str,
+    weights: float | Sequence[object] | None = None,
+    density: float | Sequence[object] = 1.0,
+    lam: float = 1.0,
+    seed: int = 0,
+    scope: str = "tensor",
+    out: str | Path | None = None,
+    **method_params: object,
+) -> Mapping[str, torch.Tensor]:
+    """Merge fine-tunes of one base by task-vector arithmetic; stream tensor by tensor.
+
+    Args:
+        base: the pre-trained model: an ``nn.Module``, a state dict, a ``.safetensors`` file or a
+            Hugging Face model directory (sharded safetensors + index + config).
+        models: the fine-tuned models, each in any of the same forms.
+        method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``della``,
+            ``della_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``model_stock``, ``slerp`` or ``dppa``.
+        weights: per-model weights ``w_t`` (default 1): a scalar or one value per model; a value may
+            be a number, a layer gradient (list of numbers) or a list of ``{filter, value}``.
+        density: fraction of each delta kept, in (0, 1]; scalar or one value per model (same forms).
+        lam: the scaling lambda applied to the combined delta.
+        seed: seeds random masks per (seed, model index, tensor name).
+        scope: top-k granularity: ``tensor``, ``row``, ``global`` or ``layer_adaptive`` (DPPA's DP).
+        out: when a directory path, the merge is written there (HF layout, sharded safetensors,
+            base config copied) atomically and the returned mapping reads lazily from it.
+        **method_params: method and engine options, see :mod:`fxmerge.taskvector.methods`.
+
+    Returns:
+        The merged state dict (a ``dict``; a lazy read-only mapping over the output when ``out`` is set).
+
+    Raises:
+        TaskVectorError: invalid inputs or options, found before anything is written; a NaN found
+            while streaming aborts the merge and leaves no output directory.
+    """
+    state, _ = run_merge(base, models, method=method, weights=weights, density=density, lam=lam, seed=seed,
+                         scope=scope, out=out, **method_params)
+    return state
+
+
+def _open_all(base: object, models: Sequence[object], labels: Sequence[str] | None) -> tuple[TensorSource, list[TensorSource]]:
+    if isinstance(models, str | Path | Mapping | torch.nn.Module) or not isinstance(models, Sequence):
+        raise TaskVectorError("models: pass a list of fine-tuned models (modules, state dicts, files or directories)")
+    names = list(labels) if labels is not None else [_label(m, f"models[{i}]") for i, m in enumerate(models)]
+    return open_source(base, _label(base, "base")), [open_source(m, n) for m, n in zip(models, names, strict=True)]
+
+
+def _label(obj: object, default: str) -> str:
+    return f"{default} ({obj})" if isinstance(obj, str | Path) else default
+
+
+def _progress(opts: MergeOptions, total: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    if opts.progress is True:
+        bar = tqdm(total=total, unit="tensor", desc=f"merge {opts.method}", leave=False)
+        return (lambda: bar.update(1)), bar.close
+    if callable(opts.progress):
+        done = [0]
+        cb = opts.progress
+
+        def tick() -> None:
+            done[0] += 1
+            cb(done[0], total)
+
+        return tick, lambda: None
+    return (lambda: None), (lambda: None)
+
+
+def _n_steps(plans: list[TensorPlan], opts: MergeOptions, global_pass: bool) -> int:
+    merged = sum(p.merge for p in plans)
+    steps = len(plans)
+    if opts.scope == "layer_adaptive":
+        steps += 2 * merged
+    if global_pass:
+        steps += 2 * merged
+    return steps
+
+
+def run_merge(base: object, models: Sequence[object], *, method: str, weights: object = None, density: object = 1.0,
+              lam: float = 1.0, seed: int = 0, scope: str = "tensor", out: str | Path | None = None,
+              labels: Sequence[str] | None = None, **method_params: object) -> tuple[Mapping[str, torch.Tensor], MergeReport]:
+    """:func:`merge_task_vectors` plus a :class:`MergeReport`; ``labels`` name the models in messages."""
+    opts = build_options(method, scope, lam, seed, dict(method_params))
+    start = time.perf_counter()
+    base_src, model_srcs = _open_all(base, models, labels)
+    try:
+        check_counts(len(model_srcs), opts)
+        w = per_model("weights", weights, len(model_srcs), 1.0)
+        d = per_model("density", density, len(model_srcs), 1.0)
+        plans, notes = build_plan(base_src, model_srcs, opts)
+        for note in notes:
+            warnings.warn(note, TaskVectorWarning, stacklevel=3)
+        params = resolve_params(plans, w, d, opts)
+        state, report = _execute(base_src, model_srcs, opts, plans, params, w, d, out)
+    finally:
+        base_src.close()
+        for m in model_srcs:
+            m.close()
+    report.warnings = notes
+    report.seconds = time.perf_counter() - start
+    return state, report
+
+
+def _merge_all(ctx: Context, plans: list[TensorPlan], writer: ShardedWriter | None, result: dict, tick: Callable) -> None:
+    """Merge every tensor in order. One worker thread prefetches the next tensor's inputs and writes
+    finished tensors (work buffers alternate by parity; the worker's FIFO order keeps them disjoint)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-io") as pool:
+        pending: Future | None = pool.submit(ctx.prefetch, plans[0], 0) if plans else None
+        writes: list[Future] = []
+        for j, plan in enumerate(plans):
+            ctx.ready, ctx.parity = pending.result(), j % 2
+            pending = pool.submit(ctx.prefetch, plans[j + 1], (j + 1) % 2) if j + 1 < len(plans) else None
+            t = merge_tensor(ctx, plan)
+            if writer is not None:
+                writes.append(pool.submit(writer.write, plan.name, t))
+                if writes[0].done():
+                    writes.pop(0).result()
+            else:
+                result[plan.name] = t.clone()
+            tick()
+        for w in writes:
+            w.result()
+
+
+def _execute(base: TensorSource, models: list[TensorSource], opts: MergeOptions, plans: list[TensorPlan],
+             params: dict, w: list[Param], d: list[Param], out: str | Path | None) -> tuple[Mapping[str, torch.Tensor], MergeReport]:
+    infos = {p.name: p.out for p in plans}
+    report = MergeReport(opts.method, len(models), len(plans), sum(p.merge for p in plans),
+                         sum(i.numel for i in infos.values()), sum(i.numel * i.dtype.itemsize for i in infos.values()))
+    writer = ShardedWriter(Path(out), infos, opts.shard_size, opts.overwrite) if out is not None else None
+    dens = [x.at("", 0) for x in d]
+    global_pass = opts.scope == "global" and opts.spec.sparsify == "magnitude" and min(dens) < 1.0
+    tick, close = _progress(opts, _n_steps(plans, opts, global_pass))
+    result: dict[str, torch.Tensor] = {}
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    try:
+        ctx = Context(base, models, opts, params)
+        if opts.scope == "layer_adaptive":
+            ctx.shifts = compute_dp_shifts(ctx, plans, tick)
+        if global_pass:
+            ctx.thresholds = compute_global_thresholds(ctx, plans, dens, tick)
+        _merge_all(ctx, plans, writer, result, tick)
+        if writer is not None:
+            writer.commit(base.config_dir, opts.out_dtype)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        torch.set_num_threads(saved_threads)
+        close()
+    if writer is None:
+        return result, report
+    report.out_dir = str(writer.out_dir)
+    report.shards = [s.filename for s in writer.shards]
+    return LazyStateDict(writer.out_dir), report

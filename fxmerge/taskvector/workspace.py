@@ -1,0 +1,175 @@
+"""Reusable work buffers and allocation-free versions of the hot per-tensor operations.
+
+Allocating a fresh multi-megabyte CPU tensor costs a page fault per 4 KiB page, which on a small
+machine is slower than the arithmetic itself. The engine therefore keeps a few flat buffers (sized
+by the largest tensor seen) and runs the common paths (delta, top-k trim, Bernoulli drop, TIES sign
+election and disjoint mean) in place on views of them. Results equal the allocating reference
+implementations in :mod:`~fxmerge.taskvector.sparsify` and :mod:`~fxmerge.taskvector.combine`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+_SAMPLE = 1 << 16
+_SMALL = 1 << 17
+
+
+class Workspace:
+    """Named, grow-only flat byte buffers handing out typed views."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A view of slot ``slot`` with the given shape and dtype (contents undefined)."""
+        n = math.prod(shape) * dtype.itemsize
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 64), dtype=torch.uint8)
+            self._bufs[slot] = buf
+        return buf[:n].view(dtype).view(shape)
+
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        return sum(b.numel() for b in self._bufs.values())
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """True when every entry is finite (a sum first: NaN/Inf propagate; exact check only if it overflows)."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _count(flags: torch.Tensor) -> int:
+    return int(torch.count_nonzero(flags))
+
+
+def _exact_kth(values: np.ndarray, k: int) -> float:
+    n = values.size
+    return float(np.partition(values, n - k)[n - k])
+
+
+def kth_largest(absval: torch.Tensor, k: int, ws: Workspace) -> tuple[float, int, int]:
+    """Exact k-th largest value of a flat non-negative float32 tensor (1 <= k <= n).
+
+    Returns ``(threshold, count_greater, count_equal)``. A strided sample brackets the answer; the
+    bracket is verified by counting, and only the few candidates inside it are selected exactly
+    (introselect). Falls back to a full selection when the bracket misses.
+    """
+    n = absval.numel()
+    arr = absval.numpy()
+    if n <= _SMALL:
+        thr = _exact_kth(arr, k)
+        return thr, int((arr > thr).sum()), int((arr == thr).sum())
+    sample = np.sort(arr[:: n // _SAMPLE])
+    s = sample.size
+    pos = (n - k) / n * (s - 1)
+    margin = 6.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 8
+    lo = float(sample[max(0, int(pos - margin))])
+    hi = float(sample[min(s - 1, int(pos + margin) + 1)])
+    above = ws.get("kth_flag", (n,), torch.bool)
+    inside = ws.get("kth_inside", (n,), torch.bool)
+    c_hi = _count(torch.gt(absval, hi, out=above))
+    c_lo = _count(torch.ge(absval, lo, out=inside))
+    if not c_hi < k <= c_lo:
+        thr = _exact_kth(arr, k)
+        return thr, _count(torch.gt(absval, thr, out=above)), _count(torch.eq(absval, thr, out=above))
+    torch.logical_xor(inside, above, out=inside)
+    cand = arr[inside.numpy()]
+    thr = _exact_kth(cand, k - c_hi)
+    return thr, c_hi + int((cand > thr).sum()), int((cand == thr).sum())
+
+
+def topk_trim_(delta: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
+    """Zero all but the k largest |delta| in place (ties at the threshold: lower flat index first)."""
+    flat = delta.view(-1)
+    n = flat.numel()
+    if k >= n:
+        return delta
+    absval = ws.get("abs", (n,))
+    torch.abs(flat, out=absval)
+    thr, greater, equal = kth_largest(absval, k, ws)
+    # keep |x| >= thr: hardshrink keeps |x| > lambda, so use the float32 just below thr
+    below = float(np.nextafter(np.float32(thr), np.float32(-np.inf)))
+    if below > 0:
+        torch.hardshrink(delta, below, out=delta)
+    else:
+        delta.masked_fill_(torch.lt(absval, thr, out=ws.get("kth_flag", (n,), torch.bool)).view(delta.shape), 0.0)
+    surplus = greater + equal - k
+    if surplus > 0:  # ties at the threshold: keep the first (k - greater) of them by flat index
+        ties = torch.nonzero(torch.eq(absval, thr, out=ws.get("kth_flag", (n,), torch.bool))).view(-1)
+        flat[ties[equal - surplus :]] = 0.0
+    return delta
+
+
+def band_scale_(delta: torch.Tensor, ks: list[int], factors: tuple[float, ...], ws: Workspace) -> torch.Tensor:
+    """Multiply the rank bands of |delta| by their factors in place, zeroing the rest.
+
+    Band j holds ranks ``[ks[j-1], ks[j])`` of the exact |delta| order (ties to the lower flat index),
+    ``ks`` increasing. Outer bands are filled first and inner ones overwrite them.
+    """
+    flat = delta.view(-1)
+    n = flat.numel()
+    absval = ws.get("abs", (n,))
+    torch.abs(flat, out=absval)
+    factor = ws.get("factor", (n,)).zero_()
+    flag = ws.get("kth_flag", (n,), torch.bool)
+    for k, alpha in reversed(list(zip(ks, factors, strict=True))):
+        if k >= n:
+            factor.fill_(alpha)
+            continue
+        thr, greater, equal = kth_largest(absval, max(k, 1), ws)
+        surplus = greater + equal - k
+        ties = torch.nonzero(torch.eq(absval, thr, out=flag)).view(-1)[equal - surplus :] if surplus > 0 else None
+        saved = factor[ties] if ties is not None else None
+        factor.masked_fill_(torch.ge(absval, thr, out=flag), alpha)
+        if ties is not None:
+            factor[ties] = saved
+    return delta.mul_(factor.view(delta.shape))
+
+
+def bernoulli_drop_(delta: torch.Tensor, density: float, gen: torch.Generator, ws: Workspace) -> torch.Tensor:
+    """Zero entries whose uniform draw (from ``gen``) is >= density, in place."""
+    draws = ws.get("rand", tuple(delta.shape))
+    torch.rand(delta.shape, generator=gen, out=draws)
+    flag = ws.get("kth_flag", tuple(delta.shape), torch.bool)
+    return delta.masked_fill_(torch.ge(draws, density, out=flag), 0.0)
+
+
+def ties_combine_(deltas: list[torch.Tensor], weights: list[float], consensus: str, normalize: bool,
+                  ws: Workspace) -> torch.Tensor:
+    """Sign election and disjoint (weighted) sum/mean of same-shape deltas, in place (see combine.py)."""
+    shape = tuple(deltas[0].shape)
+    for d, w in zip(deltas, weights, strict=True):
+        if w != 1.0:
+            d.mul_(w)
+    sign = ws.get("sign", shape)
+    if consensus == "sum":
+        torch.add(deltas[0], deltas[1], out=sign) if len(deltas) > 1 else sign.copy_(deltas[0])
+        for d in deltas[2:]:
+            sign.add_(d)
+    else:
+        tmp = ws.get("abs", shape)
+        torch.sign(deltas[0], out=sign)
+        for d in deltas[1:]:
+            sign.add_(torch.sign(d, out=tmp))
+    sign.ge_(0.0).mul_(2.0).sub_(1.0)
+    div = ws.get("div", shape).zero_() if normalize else None
+    agree = ws.get("abs", shape)
+    for d, w in zip(deltas, weights, strict=True):
+        torch.mul(d, sign, out=agree).gt_(0.0)
+        d.mul_(agree)
+        if div is not None:
+            div.add_(agree, alpha=w)
+    mixed = deltas[0]
+    for d in deltas[1:]:
+        mixed.add_(d)
+    if div is not None:
+        div.add_(torch.eq(div, 0.0, out=agree))
+        mixed.div_(div)
+    return mixed
