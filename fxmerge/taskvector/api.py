@@ -13,9 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fxmerge.errors import TaskVectorError
-from fxmerge.taskvector.engine import Context, compute_dp_shifts, compute_global_thresholds, merge_tensor
+from fxmerge.taskvector.engine import Context, merge_tensor
 from fxmerge.taskvector.methods import MergeOptions, build_options
 from fxmerge.taskvector.params import Param, per_model
+from fxmerge.taskvector.passes import compute_dp_shifts, compute_global_thresholds
 from fxmerge.taskvector.plan import TensorPlan, build_plan, check_counts, resolve_params
 from fxmerge.taskvector.sources import TensorSource, open_source
 from fxmerge.taskvector.writer import LazyStateDict, ShardedWriter

@@ -48,7 +48,7 @@ def combine_linear(
         divisor[divisor.abs() < 1e-8] = 1.0
         return mixed.div_(divisor)
     if consensus == "sum":
-        majority = _sum([d for d in deltas], copy=True) >= 0
+        majority = _sum(deltas, copy=True) >= 0
     else:
         majority = _sum([torch.sign(d) for d in deltas]) >= 0
     mixed = torch.zeros_like(deltas[0])

@@ -1,28 +1,17 @@
 """The per-tensor engine: delta -> sparsify -> rescale -> combine -> lambda -> + base -> out dtype.
 
-Also the whole-model statistics passes that some scopes need before any tensor can be merged:
-DPPA's layer-adaptive densities (outlier ratios per block and module) and the exact global top-k
-threshold. Both stream tensor by tensor and keep only scalars or small histograms.
+Whole-model statistics (DPPA shifts, global thresholds) come from :mod:`fxmerge.taskvector.passes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fxmerge.errors import TaskVectorError
 from fxmerge.taskvector.combine import combine_linear, model_stock_delta, slerp
-from fxmerge.taskvector.dppa import (
-    BlockStat,
-    ModuleStat,
-    band_densities,
-    block_of,
-    dp_shifts,
-    is_target,
-    outlier_pct,
-)
+from fxmerge.taskvector.dppa import band_densities, is_target
 from fxmerge.taskvector.globalk import GlobalThreshold
 from fxmerge.taskvector.methods import MergeOptions
 from fxmerge.taskvector.plan import Region, TensorPlan
@@ -45,8 +34,6 @@ from fxmerge.taskvector.workspace import (
     ties_combine_,
     topk_trim_,
 )
-
-Tick = Callable[[], None]
 
 
 def _crop(t: torch.Tensor, region: Region) -> torch.Tensor:
@@ -102,13 +89,33 @@ class Context:
         if not plan.merge or not self._direct(plan, -1):
             return ready
         ready.base = self._load_direct(plan, -1, parity)
-        ready.bad = set() if is_finite(ready.base) else {-1}
+        check = self.check_inputs
+        ready.bad = {-1} if check and not is_finite(ready.base) else set()
         for i, r in enumerate(plan.regions):
             if r is not None and self._direct(plan, i):
                 ready.deltas[i] = d = self._load_direct(plan, i, parity).sub_(ready.base)
-                if not is_finite(d):
+                if check and not is_finite(d):
                     ready.bad.add(i)
         return ready
+
+    @property
+    def check_inputs(self) -> bool:
+        """Whether inputs must be checked for NaN/Inf one by one. A plain weighted sum propagates any
+        NaN/Inf into the output, so there only the output is checked (and the culprit found afterwards)."""
+        spec = self.opts.spec
+        return spec.sparsify is not None or spec.consensus is not None or spec.combine != "linear"
+
+    def diagnose(self, plan: TensorPlan) -> TaskVectorError:
+        """The error for a non-finite merged tensor: name the input that caused it, else overflow."""
+        base = _crop(self.base.load(plan.name, torch.float32), plan.base_region)
+        if not is_finite(base):
+            return TaskVectorError(f"{self.base.label}: tensor {plan.name!r} has NaN/Inf values; the base must be finite")
+        for i, region in enumerate(plan.regions):
+            if region is not None:
+                d = _crop(self.models[i].load(plan.name, torch.float32), region) - _crop(base, region)
+                if not is_finite(d):
+                    return self._nonfinite_delta(plan, i)
+        return TaskVectorError(f"tensor {plan.name!r}: the merged values overflowed to Inf/NaN; lower the weights or lambda")
 
     def load_base(self, plan: TensorPlan) -> torch.Tensor:
         """The base tensor in float32, cropped to the plan's base region (in a work buffer when possible)."""
@@ -292,67 +299,5 @@ def merge_tensor(ctx: Context, plan: TensorPlan) -> torch.Tensor:
     if tuple(out.shape) != tuple(plan.out.shape):
         out = _union_fill(ctx, plan, out)
     if not is_finite(out):
-        raise TaskVectorError(f"tensor {plan.name!r}: the merged values overflowed to Inf/NaN; lower the weights or lambda")
+        raise ctx.diagnose(plan)
     return out.to(plan.out.dtype)
-
-
-def _targets_by_block(plans: list[TensorPlan], target: str) -> dict[str, list[TensorPlan]]:
-    groups: dict[str, list[TensorPlan]] = {}
-    for p in plans:
-        if p.merge and is_target(p.name, len(p.base_region), target):
-            groups.setdefault(block_of(p.name), []).append(p)
-    return groups
-
-
-def compute_dp_shifts(ctx: Context, plans: list[TensorPlan], tick: Tick) -> list[dict[str, float]]:
-    """DPPA pass 1: per-model DP density shifts from block and module outlier ratios."""
-    d = ctx.opts.dppa
-    n = len(ctx.models)
-    modules: list[dict[str, ModuleStat]] = [{} for _ in range(n)]
-    blocks: list[dict[str, BlockStat]] = [{} for _ in range(n)]
-    for block, members in _targets_by_block(plans, d.target).items():
-        stats = [BlockStat() for _ in range(n)]
-        for p in members:
-            base = ctx.load_base(p)
-            for i in (j for j, r in enumerate(p.regions) if r is not None):
-                a = ctx.delta(p, i, base).abs_()
-                total = float(a.sum(dtype=torch.float64))
-                modules[i][p.name] = ModuleStat(block, a.numel(), total, outlier_pct(a, d.outlier_mult))
-                stats[i].numel += a.numel()
-                stats[i].abs_sum += total
-            tick()
-        for p in members:
-            base = ctx.load_base(p)
-            for i in (j for j, r in enumerate(p.regions) if r is not None):
-                mean = stats[i].abs_sum / max(stats[i].numel, 1)
-                stats[i].count += int((ctx.delta(p, i, base).abs_() > d.block_outlier_mult * mean).sum())
-            tick()
-        for i in range(n):
-            if stats[i].numel:
-                blocks[i][block] = stats[i]
-    return [dp_shifts(modules[i], blocks[i], d.shift) for i in range(n)]
-
-
-def compute_global_thresholds(ctx: Context, plans: list[TensorPlan], densities: list[float],
-                              tick: Tick) -> list[GlobalThreshold]:
-    """Exact per-model global top-k thresholds (two streamed histogram passes)."""
-    merged = [p for p in plans if p.merge]
-    totals = [sum(_numel(p.regions[i]) for p in merged if p.regions[i] is not None) for i in range(len(ctx.models))]
-    th = [GlobalThreshold(keep_count(densities[i], totals[i])) for i in range(len(ctx.models))]
-    for stage in (1, 2):
-        for p in merged:
-            base = ctx.load_base(p)
-            for i in (j for j, r in enumerate(p.regions) if r is not None):
-                a = ctx.delta(p, i, base).abs_()
-                th[i].add_first(a) if stage == 1 else th[i].add_second(a)
-            tick()
-        for t in th:
-            t.finish_first() if stage == 1 else t.finish_second()
-    return th
-
-
-def _numel(region: Region) -> int:
-    n = 1
-    for s in region:
-        n *= s
-    return n

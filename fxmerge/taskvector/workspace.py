@@ -66,23 +66,24 @@ def kth_largest(absval: torch.Tensor, k: int, ws: Workspace) -> tuple[float, int
     if n <= _SMALL:
         thr = _exact_kth(arr, k)
         return thr, int((arr > thr).sum()), int((arr == thr).sum())
-    sample = np.sort(arr[:: n // _SAMPLE])
+    sample = arr[:: n // _SAMPLE].copy()
     s = sample.size
     pos = (n - k) / n * (s - 1)
     margin = 6.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 8
-    lo = float(sample[max(0, int(pos - margin))])
-    hi = float(sample[min(s - 1, int(pos + margin) + 1)])
+    i_lo, i_hi = max(0, int(pos - margin)), min(s - 1, int(pos + margin) + 1)
+    sample.partition([i_lo, i_hi])
+    lo, hi = float(sample[i_lo]), float(sample[i_hi])
     above = ws.get("kth_flag", (n,), torch.bool)
     inside = ws.get("kth_inside", (n,), torch.bool)
     c_hi = _count(torch.gt(absval, hi, out=above))
-    c_lo = _count(torch.ge(absval, lo, out=inside))
-    if not c_hi < k <= c_lo:
-        thr = _exact_kth(arr, k)
-        return thr, _count(torch.gt(absval, thr, out=above)), _count(torch.eq(absval, thr, out=above))
-    torch.logical_xor(inside, above, out=inside)
-    cand = arr[inside.numpy()]
-    thr = _exact_kth(cand, k - c_hi)
-    return thr, c_hi + int((cand > thr).sum()), int((cand == thr).sum())
+    if c_hi < k:
+        torch.logical_xor(torch.ge(absval, lo, out=inside), above, out=inside)
+        cand = arr[inside.numpy()]  # lo <= |x| <= hi
+        if c_hi + cand.size >= k:
+            thr = _exact_kth(cand, k - c_hi)
+            return thr, c_hi + int((cand > thr).sum()), int((cand == thr).sum())
+    thr = _exact_kth(arr, k)  # the sample's bracket missed: full selection
+    return thr, _count(torch.gt(absval, thr, out=above)), _count(torch.eq(absval, thr, out=above))
 
 
 def topk_trim_(delta: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:

@@ -93,12 +93,27 @@ def test_fast_equals_reference_with_ties_and_negatives(levels, sizes) -> None:
             )
 
 
+@pytest.mark.parametrize("sizes", [[8, 8], [6, 6, 6], [5, 9]])
+def test_fast_equals_reference_all_negative_with_ties(sizes) -> None:
+    """With only negative similarities the alpha decay raises merged clusters toward 0, so a row's
+    new entry can tie its maximum; the tie must go to the earlier column, as in the reference."""
+    for seed in range(12):
+        sim = (random_sym(sum(sizes), seed, levels=2) - 1) / 2  # entries in [-1, 0], many ties
+        for kw in ({}, {"alpha": 0.5, "beta": 0.3}):
+            assert_same_outcome(
+                lambda sim=sim, kw=kw: zip_match(sim, sizes, **kw),
+                lambda sim=sim, kw=kw: zip_match_reference(sim, sizes, **kw),
+            )
+
+
 @pytest.mark.parametrize("sizes", [[2, 2], [3, 3], [4, 4], [5, 5], [3, 3, 3], [2, 5]])
-@pytest.mark.parametrize("levels", [None, 2])
-def test_fast_equals_definitional_brute_force(sizes, levels) -> None:
+@pytest.mark.parametrize(("levels", "negative"), [(None, False), (2, False), (2, True)])
+def test_fast_equals_definitional_brute_force(sizes, levels, negative) -> None:
     owner = [m for m, c in enumerate(sizes) for _ in range(c)]
     for seed in range(5):
         sim = random_sym(sum(sizes), seed, levels=levels)
+        if negative:
+            sim = (sim - 1) / 2
         for alpha, beta, target in (
             (0.5, 1.0, None),
             (0.3, 0.125, None),

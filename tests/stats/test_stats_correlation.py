@@ -130,3 +130,24 @@ def test_all_reduce_without_process_group_is_noop() -> None:
     assert acc.count == 100 and torch.equal(acc.correlation(), before)
     acc.update(feats)  # still allowed: nothing was reduced
     assert acc.count == 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_k_update_both_paths(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The BLAS syrk path (contiguous CPU tensors) and the block-GEMM path (other devices, small
+    float32; forced here with a non-contiguous work matrix) both add wᵀw to the lower triangle."""
+    monkeypatch.setattr(corr_mod, "_SYRK_MIN_FLOAT32", 1000)  # syrk for float32 at D = 1200 too
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(300, 1200, generator=g, dtype=dtype)
+    start = torch.randn(1200, 1200, generator=g, dtype=dtype)
+    want = torch.tril(start + w.T @ w)
+    tol = {"rtol": 1e-5, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+    fast = start.clone()
+    corr_mod._rank_k_update(fast, w, corr_mod._bounds(1200))
+    torch.testing.assert_close(torch.tril(fast), want, **tol)
+    blocked = start.clone()
+    wide = torch.zeros(300, 2400, dtype=dtype)
+    wide[:, ::2] = w
+    corr_mod._rank_k_update(blocked, wide[:, ::2], corr_mod._bounds(1200))
+    assert len(corr_mod._bounds(1200)) == 5  # four block rows
+    torch.testing.assert_close(torch.tril(blocked), want, **tol)

@@ -163,3 +163,19 @@ def test_output_dir_rules(tmp_path: Path) -> None:
         merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out")
     merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "model_stock"])
+def test_nan_found_for_unsparsified_methods(tmp_path: Path, method: str) -> None:
+    base, models = make_models(seed=28)
+    models[2]["emb.weight"][0, 0] = float("inf")
+    with pytest.raises(TaskVectorError, match=r"models\[2\].*'emb\.weight'.*NaN/Inf"):
+        merge_task_vectors(base, models, method=method, out=tmp_path / "out")
+    base2 = {k: v.clone() for k, v in base.items()}
+    base2["blocks.0.fc.bias"][1] = float("nan")
+    with pytest.raises(TaskVectorError, match=r"base.*'blocks\.0\.fc\.bias'.*base must be finite"):
+        merge_task_vectors(base2, models[:2], method=method)
+    big = [{k: v * 1e38 if v.is_floating_point() else v for k, v in m.items()} for m in models[:2]]
+    with pytest.raises(TaskVectorError, match="overflowed"):
+        merge_task_vectors(base, big, method="task_arithmetic", weights=[10.0, 10.0])
+    assert list(tmp_path.iterdir()) == []
