@@ -12,11 +12,13 @@ from fxmerge.errors import (
     TaskVectorError,
     UnsupportedOpsError,
 )
+from fxmerge.export import export_onnx, load_program, load_state, save_program, save_state
 from fxmerge.infer.api import infer_groups
 from fxmerge.infer.registry import rule
 from fxmerge.ir.report import CoverageReport
 from fxmerge.ir.spec import Group, PermutationSpec
 from fxmerge.merge import MergeResult, merge
+from fxmerge.taskvector import merge_task_vectors
 from fxmerge.verify import InvarianceReport, verify_invariance
 
 __version__ = "0.1.0"
@@ -38,8 +40,14 @@ __all__ = [
     "TaskVectorError",
     "UnsupportedOpsError",
     "capture",
+    "export_onnx",
     "infer_groups",
+    "load_program",
+    "load_state",
     "merge",
+    "merge_task_vectors",
     "rule",
+    "save_program",
+    "save_state",
     "verify_invariance",
 ]

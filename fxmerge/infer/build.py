@@ -185,7 +185,7 @@ def layout_probes(interp: GraphInterpreter, res: _Resolver) -> list[tuple[str, t
                 joints.setdefault(id(d.joint), []).append((d.k, axis))
             elif d.size > 1 and not isinstance(interp.solver.head(d), (Fixed, Bcast)):
                 lay = res.layout(d, create=False)
-                if isinstance(lay, (G, Prod)):
+                if isinstance(lay, (G, Prod, Cat)):
                     found.append((node.name, (axis,), lay))
         for levels in joints.values():
             levels.sort()

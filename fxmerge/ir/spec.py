@@ -74,7 +74,7 @@ class PermutationSpec:
         self.graph: Any = None  # the CapturedGraph the spec was inferred from (not serialised)
         # "in" for axes a rule sums over (consumers, unmerged when zipping), "out" otherwise
         self.roles: dict[str, list[str]] = {n: ["out"] * len(lays) for n, lays in axes.items()}
-        # (node, axes, layout) activation points in ``graph`` (not serialised; re-inferred with the graph)
+        # (node, axes, layout) activation points, by node name of the graph the spec was inferred from
         self.layout_probes: list[tuple[str, tuple[int, ...], Layout]] = []
 
     # ---------------------------------------------------------------- access
@@ -160,6 +160,8 @@ class PermutationSpec:
             "axes": {n: [to_obj(lay) for lay in lays] for n, lays in self.axes.items()},
             "probes": {str(k): v for k, v in self.probes.items()},
             "roles": self.roles,
+            "shapes": {n: list(s) for n, s in self.shapes.items()},
+            "layout_probes": [[node, list(axes), to_obj(lay)] for node, axes, lay in self.layout_probes],
             "coverage": self.coverage.to_obj(),
         }
         text = json.dumps(obj, indent=indent)
@@ -178,12 +180,15 @@ class PermutationSpec:
             obj = json.loads(text)
             groups = [_group_from(g) for g in obj["groups"]]
             axes = {n: [from_obj(x) for x in lays] for n, lays in obj["axes"].items()}
+            shapes = {n: tuple(v) for n, v in obj.get("shapes", {}).items()}
+            layout_probes = [(str(n), tuple(a), from_obj(x)) for n, a, x in obj.get("layout_probes", [])]
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"not a valid fxmerge PermutationSpec JSON: {e}") from e
         probes = {int(k): [tuple(x) for x in v] for k, v in obj.get("probes", {}).items()}
         cov = CoverageReport.from_obj(obj.get("coverage", {}))
-        spec = cls(groups, axes, cov, probes)
+        spec = cls(groups, axes, cov, probes, shapes or None)
         spec.roles.update(obj.get("roles", {}))
+        spec.layout_probes = layout_probes
         return spec
 
     # ------------------------------------------------------------- display

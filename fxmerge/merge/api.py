@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxmerge.capture.trace import capture
 from fxmerge.errors import FxmergeError, MergeError
 from fxmerge.infer.api import infer_groups
-from fxmerge.ir.layout import G
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.engine import (
     MatchOptions,
@@ -24,20 +24,29 @@ from fxmerge.merge.engine import (
 )
 from fxmerge.merge.engine import weight_similarity as _wsim
 from fxmerge.merge.features import activation_correlations
+from fxmerge.merge.partial import build_multihead
+from fxmerge.merge.report import SpaceDetail, space_detail
 from fxmerge.merge.spaces import find_spaces
-from fxmerge.merge.transform import Transforms, merge_state
+from fxmerge.merge.transform import Transforms, merge_state, perms_from
 
 METHODS = ("average", "rebasin", "act_align", "zipit", "wzip", "mudsc")
 NEEDS_DATA = {"act_align", "zipit", "mudsc"}
+# layers REPAIR can rescale (output units on weight axis 0, a bias it can add)
+REPAIRABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
 class MergeResult:
-    """A merged model with the original architecture, the spec it was merged on, and a report."""
+    """A merged model with the original architecture, the spec it was merged on, and a report.
+
+    ``details`` maps each merge space (``report["similarity"]`` keys) to its final similarity matrix and
+    matching, for plots; ``report`` is plain JSON.
+    """
 
     model: nn.Module
     spec: PermutationSpec
     report: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, SpaceDetail] = field(default_factory=dict)
 
 
 def merge(
@@ -50,6 +59,10 @@ def merge(
     matcher: str = "align",
     seed: int = 0,
     reset_bn: bool = True,
+    repair: bool = False,
+    stop_at: str | None = None,
+    depth: str | None = None,
+    width: str | int | None = None,
     progress: bool = True,
     frontend: str = "auto",
     max_sweeps: int = 30,
@@ -58,6 +71,7 @@ def merge(
     zip_beta: float = 1.0,
     max_batches: int | None = None,
     spec: PermutationSpec | None = None,
+    **hetero_options: Any,
 ) -> MergeResult:
     """Merge ``models`` (same architecture, N >= 2) into one.
 
@@ -66,17 +80,42 @@ def merge(
     zip on activations), ``"wzip"`` (zip on weight correlations), ``"mudsc"`` (``alpha`` mixes weight and
     activation similarity; ``matcher`` "align" or "zip"; coordinate descent in random order, stopping after
     ``patience`` sweeps without improvement). ``data`` is any iterable of batches (tensor, tuple/list whose
-    first item is the input, or dict of keyword inputs). BatchNorm statistics are re-estimated on ``data``
-    when ``reset_bn`` and the model has BatchNorm. The input models are never modified.
+    first item is the input, or dict of keyword inputs).
+
+    Zipping merges units within a model as well as across models (ZipIt's ``zip_beta`` budget). Post-passes:
+    BatchNorm statistics are re-estimated on ``data`` when ``reset_bn`` and the model has BatchNorm;
+    ``repair=True`` rescales every producer layer to the parents' interpolated statistics (REPAIR, for
+    models without BatchNorm; one-to-one matchings only). ``stop_at`` (a module path or node name) makes a
+    partial zip: the graph is merged up to that module and each model keeps its own layers after it, so
+    ``result.model`` returns a tuple of N outputs. ``depth``/``width`` switch to heterogeneous merging of
+    models of different depth or width (``fxmerge.hetero``). The input models are never modified.
     """
-    t0 = time.perf_counter()
     _validate(models, method, data, matcher, alpha)
+    if depth is not None or width is not None:
+        from fxmerge.hetero.api import merge_hetero
+
+        return merge_hetero(
+            models, method=method, data=data, example_inputs=example_inputs, depth=depth, width=width, alpha=alpha,
+            matcher=matcher, seed=seed, reset_bn=reset_bn, repair=repair, progress=progress, frontend=frontend,
+            max_sweeps=max_sweeps, patience=patience, zip_alpha=zip_alpha, zip_beta=zip_beta,
+            max_batches=max_batches, **hetero_options,
+        )  # fmt: skip
+    if hetero_options:
+        raise MergeError(f"unknown merge option(s) {sorted(hetero_options)}; they apply only with depth= or width=")
+    if repair and (stop_at is not None or (matcher == "zip" or method in ("zipit", "wzip"))):
+        raise MergeError("repair=True needs a one-to-one matching: use an align method without stop_at")
+    if repair and data is None:
+        raise MergeError("repair=True needs data to measure the parents' statistics")
+    t0 = time.perf_counter()
     spec = spec or infer_groups(models[0], example_inputs, frontend=frontend)
     for i, m in enumerate(models):
         try:
             spec.check_model(m)
         except FxmergeError as e:
-            raise MergeError(f"model {i} does not have model 0's architecture: {e}") from e
+            raise MergeError(
+                f"model {i} does not have model 0's architecture: {e}. Models of different depth or width "
+                "merge with depth='lma' and/or width='max'."
+            ) from e
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     _check_finite(states)
     n = len(models)
@@ -91,26 +130,93 @@ def merge(
                                       max_batches=max_batches)  # fmt: skip
     t2 = time.perf_counter()
     tr, log = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
+    t3 = time.perf_counter()
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(merge_state(spec, states, tr))
-    if reset_bn and data is not None and _has_bn(merged):
-        from fxmerge.passes.bn import reset_bn_stats
-
-        merged = reset_bn_stats(merged, data, progress=progress, num_batches=max_batches)
+    info: dict[str, Any] = {}
+    if stop_at is not None:
+        cg = spec.graph if spec.graph is not None else capture(models[0], example_inputs, frontend)
+        merged, info = build_multihead(cg, spec, merged, models, tr, stop_at, example_inputs)
+    post = _post_passes(merged, models, spec, spaces, tr, data, reset_bn, repair, progress, max_batches)
+    merged = post.pop("model")
+    details = _details(method, spec, spaces, states, act, tr, alpha, n)
     report = {
         "method": method,
         "options": {"alpha": alpha, "matcher": opts.matcher, "seed": seed, "zip_alpha": zip_alpha,
-                    "zip_beta": zip_beta, "reset_bn": reset_bn},
+                    "zip_beta": zip_beta, "reset_bn": reset_bn, "repair": repair, "stop_at": stop_at},
         "n_models": n,
         "groups": len(spec),
         "spaces": len(spaces),
         "identity_groups": sorted(stuck),
-        "space_values": {_name(k): float(m.value) for k, m in tr.items()},
+        "similarity": {k: d.to_obj() for k, d in details.items()},
         "sweeps": log.get("sweeps", 0),
         "sweep_values": log.get("values", []),
-        "timings": {"infer": t1 - t0, "statistics": t2 - t1, "solve_and_apply": time.perf_counter() - t2},
-    }
-    return MergeResult(merged, spec, report)
+        "post_passes": post,
+        "timings": {"infer": t1 - t0, "statistics": t2 - t1, "solve": t3 - t2,
+                    "apply_and_post": time.perf_counter() - t3},
+    }  # fmt: skip
+    if info:
+        report["partial"] = info
+    return MergeResult(merged, spec, report, details)
+
+
+def _post_passes(merged, models, spec, spaces, tr, data, reset_bn, repair, progress, max_batches) -> dict:
+    done: dict[str, Any] = {"reset_bn": False, "repair": []}
+    if repair:
+        from fxmerge.passes.bn import repair as repair_pass
+
+        probes = _producer_modules(merged, spec, spaces)
+        if not probes:
+            raise MergeError("repair=True found no producer layer whose output units were matched")
+        refs = _aligned_parents(models, spec, spaces, tr)
+        merged = repair_pass(merged, refs, data, probes, num_batches=max_batches, progress=progress)
+        done["repair"] = probes
+    if reset_bn and data is not None and _has_bn(merged):
+        from fxmerge.passes.bn import reset_bn_stats
+
+        merged = reset_bn_stats(merged, data, progress=progress, num_batches=max_batches)
+        done["reset_bn"] = True
+    done["model"] = merged
+    return done
+
+
+def _producer_modules(model: nn.Module, spec: PermutationSpec, spaces) -> list[str]:
+    """Modules whose ``weight`` has a matched output axis 0 and a contracted input axis (linear/conv-like)."""
+    carried = set(spaces)
+    out = []
+    for name, mod in model.named_modules():
+        w = f"{name}.weight" if name else "weight"
+        lays = spec.axes.get(w)
+        roles = spec.roles.get(w, [])
+        if lays and len(lays) >= 2 and lays[0] in carried and "in" in roles[1:] and isinstance(mod, REPAIRABLE):
+            out.append(name)
+    return out
+
+
+def _aligned_parents(models, spec, spaces, tr) -> list[nn.Module]:
+    refs = []
+    for m, model in enumerate(models):
+        perms: dict[int, torch.Tensor] = {}
+        for key in spaces:
+            perms.update(perms_from(spec, key, tr[key], m))
+        refs.append(spec.apply(model, {g: p for g, p in perms.items()}))
+    return refs
+
+
+def _details(method, spec, spaces, states, act, tr, alpha, n) -> dict[str, SpaceDetail]:
+    """Final similarity of each space (the mix its method solves) before (identity) and after matching."""
+    w_share = {"average": 1.0, "rebasin": 1.0, "wzip": 1.0, "act_align": 0.0, "zipit": 0.0}.get(method, alpha)
+    ident = identity_transforms(spaces, n)
+    out = {}
+    for key, space in spaces.items():
+        sims = []
+        for t in (ident, tr):
+            s = _wsim(unit_vectors(spec, space, states, t), "corr")
+            a = act.get(key)
+            sims.append(s if a is None else w_share * s + (1 - w_share) * a.to(s))
+        d = space_detail(key, space, sims[1], sims[0], tr[key], n)
+        out[d.name] = d
+    return out
 
 
 def _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience) -> tuple[Transforms, dict]:
@@ -175,7 +281,3 @@ def _check_finite(states) -> None:
 
 def _has_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _name(key) -> str:
-    return f"g{key.gid}" if isinstance(key, G) else f"g{key.outer.gid}x[{len(key.inners)} blocks]"

@@ -27,32 +27,43 @@ def _along(x: torch.Tensor, axis: int, mat: torch.Tensor, unit: int) -> torch.Te
     return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
 
 
+def _matrix(mt: Matching, m: int, mode: str) -> torch.Tensor:
+    if mode == "merge":
+        return mt.merge[m]
+    return mt.unmerge[m].T if mode == "in" else mt.unmerge[m]
+
+
 def apply_layout(
     x: torch.Tensor, axis: int, lay: Layout, m: int, n_models: int, tr: Transforms, average: bool, unit: int = 1,
-    skip: Layout | None = None,
+    skip: Layout | None = None, mode: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Transform ``x`` along ``axis`` (whose layout is ``lay``) for model ``m``."""
+    """Transform ``x`` along ``axis`` (whose layout is ``lay``) for model ``m``.
+
+    ``mode``: ``"merge"`` (averaging axis of a weight, ``M_m``), ``"in"`` (other weight axes, ``U_m^T``) or
+    ``"act"`` (a merged activation mapped back into model ``m``'s units, ``U_m``); by default it follows
+    ``average``. Fixed parts are divided by ``n_models`` in merge mode only.
+    """
+    mode = mode or ("merge" if average else "in")
+    scale = n_models if mode == "merge" else 1
     if isinstance(lay, LFixed) or (skip is not None and lay == skip):
-        return x / n_models if average else x
+        return x / scale
     if lay in tr:
-        mt = tr[lay]
-        mat = mt.merge[m] if average else mt.unmerge[m].T
-        return _along(x, axis, mat, unit)
+        return _along(x, axis, _matrix(tr[lay], m, mode), unit)
     if isinstance(lay, G):  # a group kept at the identity
-        return x / n_models if average else x
+        return x / scale
     if isinstance(lay, Cat):
         pieces = torch.split(x, [p.size * unit for p in lay.parts], dim=axis)
-        return torch.cat([apply_layout(pc, axis, p, m, n_models, tr, average, unit, skip)
+        return torch.cat([apply_layout(pc, axis, p, m, n_models, tr, average, unit, skip, mode)
                           for pc, p in zip(pieces, lay.parts, strict=True)], dim=axis)  # fmt: skip
     assert isinstance(lay, Prod)
     inner = lay.inners[0].size
     if all(isinstance(i, LFixed) for i in lay.inners):
-        return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip)
+        return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip, mode)
     if isinstance(lay.outer, LFixed):
         pieces = torch.split(x, inner * unit, dim=axis)
-        return torch.cat([apply_layout(pc, axis, i, m, n_models, tr, average, unit, skip)
+        return torch.cat([apply_layout(pc, axis, i, m, n_models, tr, average, unit, skip, mode)
                           for pc, i in zip(pieces, lay.inners, strict=True)], dim=axis)  # fmt: skip
-    return x / n_models if average else x
+    return x / scale
 
 
 def averaging_axis(spec: PermutationSpec, name: str) -> int | None:

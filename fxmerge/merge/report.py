@@ -1,0 +1,68 @@
+"""Per-space similarity before/after merging: what the JSON report and the heatmap plots show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxmerge.ir.layout import G, Layout
+from fxmerge.match import Matching
+from fxmerge.merge.spaces import Space
+
+
+@dataclass
+class SpaceDetail:
+    """One merge space: its final similarity over the stacked units of all models and the matching."""
+
+    name: str
+    groups: list[int]
+    size: int
+    n_blocks: int
+    members: list[str]
+    similarity: torch.Tensor  # [N*C, N*C], the matrix the final matching was solved on
+    matching: Matching
+    before: float  # mean cross-model similarity of the units paired by the identity
+    after: float  # the same for the units the matching merged
+
+    def to_obj(self) -> dict:
+        return {"groups": self.groups, "size": self.size, "n_blocks": self.n_blocks, "members": self.members,
+                "before": self.before, "after": self.after}  # fmt: skip
+
+
+def space_name(key: Layout) -> str:
+    return f"g{key.gid}" if isinstance(key, G) else f"g{key.outer.gid}x[{len(key.inners)} blocks]"
+
+
+def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor]) -> float:
+    """Mean similarity over the pairs of distinct units (of any models) merged into the same unit."""
+    u = torch.cat([x.to(sim.dtype) for x in unmerge], dim=0)  # [O, K] 0/1
+    pair_sum = ((u.T @ sim) * u.T).sum(dim=1) - (u * sim.diagonal()[:, None]).sum(dim=0)
+    counts = u.sum(dim=0)
+    pairs = counts * (counts - 1)
+    keep = pairs > 0
+    if not bool(keep.any()):
+        return float("nan")
+    return float((pair_sum[keep] / pairs[keep]).mean())
+
+
+def identity_pairs(size: int, n: int) -> list[torch.Tensor]:
+    eye = torch.eye(size, dtype=torch.float64)
+    return [eye] * n
+
+
+def space_detail(
+    key: Layout, space: Space, sim: torch.Tensor, before_sim: torch.Tensor, mt: Matching, n: int
+) -> SpaceDetail:
+    members = [f"{s.param}[{s.axis}]" for s in space.slots[:6]]
+    return SpaceDetail(
+        name=space_name(key),
+        groups=sorted(space.groups),
+        size=space.size,
+        n_blocks=space.n_blocks,
+        members=members,
+        similarity=sim.detach().cpu(),
+        matching=mt,
+        before=matched_similarity(before_sim.double().cpu(), identity_pairs(space.size, n)),
+        after=matched_similarity(sim.double().cpu(), [u.double().cpu() for u in mt.unmerge]),
+    )
