@@ -1,0 +1,256 @@
+"""``merge_hetero``: merge models that differ in depth and/or width (training-free heterogeneous merging).
+
+Pipeline (``/work/shared/reference/hetero.md`` §8):
+
+1. infer each model's spec and blocks (:func:`~fxmerge.hetero.blocks.find_blocks`);
+2. depth: one data pass gives the block-output CKA between the deeper and the shallower model, and
+   SMA / LMA / uniform segments every stage (first block pinned);
+3. the shallower model is rebuilt on the deeper model's graph with identity blocks in the slots it
+   does not fill (:func:`~fxmerge.hetero.expand.expand`), at its own widths;
+4. groups whose sizes differ are zipped to a target width (largest by default), groups inside
+   zero-branch blocks keep the deep model's units, and the merged tensors are written into the deeper
+   model rebuilt at the target widths; BatchNorm statistics are re-estimated on the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from fxmerge.errors import MergeError
+from fxmerge.hetero.align import align_depth, block_cka, check_alignable
+from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
+from fxmerge.hetero.depth import Segmentation
+from fxmerge.hetero.engine import NEEDS_DATA, EngineOptions, merge_states
+from fxmerge.hetero.expand import Twin, expand
+from fxmerge.hetero.plot import plot_cka_alignment
+from fxmerge.hetero.width import WidthTarget, check_same_structure, group_sizes, resize_model, target_widths
+from fxmerge.infer.api import infer_groups
+from fxmerge.ir.spec import PermutationSpec
+from fxmerge.merge.api import METHODS, MergeResult
+
+__all__ = ["DEPTH_METHODS", "merge_hetero"]
+
+DEPTH_METHODS = ("lma", "sma", "uniform")
+IDENTITY_TOL = 1e-4  # relative deviation of a twin from its model above which padding is reported inexact
+_OPTIONS = {"alpha": 0.5, "matcher": "align", "seed": 0, "reset_bn": True, "progress": True, "frontend": "auto",
+            "max_sweeps": 30, "patience": 5, "zip_alpha": 0.5, "zip_beta": 1.0, "max_batches": None,
+            "spec": None}  # fmt: skip
+
+
+def _validate(models: Any, method: str, data: Any, depth: str | None, where: str, options: dict) -> None:
+    if not isinstance(models, (list, tuple)) or len(models) < 2:
+        raise MergeError("merge_hetero needs a list of at least 2 models.")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise MergeError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module.")
+    if method not in METHODS:
+        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method in NEEDS_DATA and data is None:
+        raise MergeError(f"method {method!r} needs data (an iterable of input batches) for activation statistics.")
+    if depth is not None and depth not in DEPTH_METHODS:
+        raise MergeError(f"depth must be None or one of {DEPTH_METHODS}, got {depth!r}.")
+    if depth in ("lma", "sma") and data is None:
+        raise MergeError(f"depth={depth!r} aligns blocks by CKA on data; pass data or use depth='uniform'.")
+    if where not in ("start", "end"):
+        raise MergeError(f"where must be 'start' (paper) or 'end' (released code), got {where!r}.")
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise MergeError(f"merge_hetero does not support the option(s) {unknown}.")
+    if options.get("spec") is not None:
+        raise MergeError("spec= cannot be used for heterogeneous merges: each model's spec is inferred separately.")
+
+
+def _overrides(blocks: Sequence[BlockOverride | None] | None, n: int) -> list[BlockOverride | None]:
+    if blocks is None:
+        return [None] * n
+    if isinstance(blocks, str) or len(blocks) != n:
+        raise MergeError(f"blocks must give one list of block module names (or None) per model ({n} models).")
+    return list(blocks)
+
+
+def _depth_error(structs: list[BlockStructure]) -> MergeError:
+    desc = "; ".join(f"model {i}: {len(s.blocks)} blocks, stages {list(s.stages)}" for i, s in enumerate(structs))
+    return MergeError(f"the models differ in depth ({desc}); pass depth='lma', 'sma' or 'uniform'.")
+
+
+def _align(models, structs, data, depth, where, cka_plot, cka_batches, progress) -> tuple[list, dict]:
+    """Slots of every model's blocks in the deepest model, and the alignment report."""
+    deep = max(range(len(structs)), key=lambda i: (len(structs[i].blocks), -i))
+    slots: list[list[int]] = [list(range(len(s.blocks))) for s in structs]
+    info: dict[str, Any] = {"deep_model": deep, "segmentation": None, "cka": None, "cka_plot": None}
+    if all(s.stages == structs[deep].stages for s in structs):
+        return slots, info
+    if depth is None:
+        raise _depth_error(structs)
+    if len(models) != 2:
+        raise MergeError(f"depth alignment merges exactly 2 models, got {len(models)}.")
+    shallow = 1 - deep
+    check_alignable(structs[deep], structs[shallow], (f"model {deep}", f"model {shallow}"))
+    cka = None
+    if data is not None:
+        cka = block_cka(structs[deep], structs[shallow], data, max_batches=cka_batches, progress=progress)
+    seg = align_depth(cka, structs[deep], structs[shallow], depth)
+    slots[shallow] = seg.slots(where)
+    info.update(segmentation=_seg_report(seg, where, shallow, slots[shallow]),
+                cka=None if cka is None else cka.tolist())  # fmt: skip
+    if cka_plot is not None:
+        if cka is None:
+            raise MergeError("cka_plot needs data: the CKA matrix is computed on the data batches.")
+        labels = (f"model {deep} block (deep)", f"model {shallow} block (shallow)")
+        info["cka_plot"] = str(plot_cka_alignment(cka, seg, cka_plot, where=where, labels=labels))
+    return slots, info
+
+
+def _seg_report(seg: Segmentation, where: str, shallow: int, slots: list[int]) -> dict[str, Any]:
+    return {"method": seg.method, "segments": [list(s) for s in seg.segments], "slots": slots, "where": where,
+            "score": seg.score, "stages_deep": list(seg.stages_a), "stages_shallow": list(seg.stages_b),
+            "shallow_model": shallow}  # fmt: skip
+
+
+def _twin_spec(twin: Twin, example_inputs: Any, frontend: str, ref: PermutationSpec, label: str) -> PermutationSpec:
+    spec = infer_groups(twin.model, example_inputs, frontend=frontend)
+    check_same_structure(ref, spec, ("the deep model", label))
+    return spec
+
+
+def _check_identity(twins: dict[int, Twin]) -> dict[int, float]:
+    errors = {m: t.max_error for m, t in twins.items()}
+    bad = {m: t.max_error for m, t in twins.items() if t.max_error > IDENTITY_TOL * (1.0 + t.scale)}
+    if bad:
+        warnings.warn(
+            f"identity padding is not exact for model(s) {sorted(bad)} (max output deviation {max(bad.values()):.3g}): "
+            "a block after a residual add is not an identity (e.g. post-norm or a non-ReLU activation).",
+            stacklevel=3,
+        )
+    return errors
+
+
+def _widths_report(sizes: list[dict[int, int]], targets: dict[int, int]) -> dict[str, dict[str, Any]]:
+    return {f"g{g}": {"sizes": [s[g] for s in sizes], "target": k} for g, k in targets.items()}
+
+
+def _width_error(sizes: list[dict[int, int]], absent: list[frozenset[int]], spec: PermutationSpec) -> MergeError | None:
+    for g in spec.groups:
+        vals = [s[g.id] for m, s in enumerate(sizes) if g.id not in absent[m]]
+        if len(set(vals)) > 1:
+            where_ = ", ".join(f"{mb.param}[{mb.axis}]" for mb in g.members[:3])
+            return MergeError(f"the models differ in width: group g{g.id} ({where_}) has sizes {vals}; pass "
+                              "width='max' (or 'min', an int) to zip them to a common width.")  # fmt: skip
+    return None
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def merge_hetero(
+    models: list[nn.Module],
+    *,
+    method: str,
+    data: Any = None,
+    example_inputs: Any,
+    depth: str | None = None,
+    width: WidthTarget | None = None,
+    where: str = "start",
+    blocks: Sequence[BlockOverride | None] | None = None,
+    cka_plot: str | os.PathLike[str] | None = None,
+    cka_batches: int | None = None,
+    **options: Any,
+) -> MergeResult:
+    """Merge models of different depth and/or width into one model with the deepest model's graph.
+
+    Args:
+        models: 2 models for depth heterogeneity (N >= 2 when only widths differ). They must share
+            stem, head and block kinds; the inputs are never modified.
+        method: a :data:`fxmerge.merge.METHODS` method. Equal widths (after depth padding) accept every
+            method; different widths need ``"zipit"`` (elastic zipping).
+        data: iterable of batches for CKA, activation statistics and the BatchNorm reset.
+        example_inputs: inputs for one forward pass (tracing, shapes, identity checks).
+        depth: ``"lma"`` (layer-wise, default choice), ``"sma"`` (segment-wise) or ``"uniform"``;
+            required when the models differ in depth.
+        width: ``"max"`` (default target when given), ``"min"``, an int for every group whose sizes
+            differ, or a dict group id -> width; required when the models differ in width.
+        where: ``"start"`` puts each shallow block at the start of its segment (paper), ``"end"`` at
+            the end (released code).
+        blocks: optional per-model block override: a list of module names (or lists of names) per model.
+        cka_plot: optional PNG path for the CKA heatmap with the alignment.
+        cka_batches: batches used for CKA (default: ``max_batches`` or all).
+        **options: the other :func:`fxmerge.merge` keywords (alpha, matcher, seed, reset_bn, progress,
+            frontend, max_sweeps, patience, zip_alpha, zip_beta, max_batches).
+
+    Returns:
+        A :class:`~fxmerge.merge.MergeResult`; the report has ``"segmentation"`` (None without depth
+        alignment), ``"cka"`` (deep x shallow list of lists, or None), ``"widths"`` (per group: sizes
+        per model and target), plus the blocks, padded blocks and identity errors.
+
+    Raises:
+        MergeError: on bad arguments, models whose stems, heads, stages or layers do not correspond
+            (the message says what differs), or models that differ in depth/width without ``depth``/``width``.
+    """
+    t0 = time.perf_counter()
+    _validate(models, method, data, depth, where, options)
+    opt = {**_OPTIONS, **options}
+    frontend, progress, max_batches = opt["frontend"], opt["progress"], opt["max_batches"]
+    overrides = _overrides(blocks, len(models))
+    specs = [infer_groups(m, example_inputs, frontend=frontend) for m in models]
+    structs = [find_blocks(m, example_inputs, spec=s, blocks=o) for m, s, o in zip(models, specs, overrides, strict=True)]
+    slots, info = _align(models, structs, data, depth, where, cka_plot,
+                         cka_batches if cka_batches is not None else max_batches, progress)  # fmt: skip
+    deep = info["deep_model"]
+    t1 = time.perf_counter()
+    twins = {m: expand(models[deep], models[m], structs[deep], structs[m], specs[deep], slots[m],
+                       example_inputs=example_inputs) for m in range(len(models)) if m != deep}  # fmt: skip
+    errors = _check_identity(twins)
+    engine_models = [models[m] if m == deep else twins[m].model for m in range(len(models))]
+    engine_specs = [specs[deep] if m == deep else _twin_spec(twins[m], example_inputs, frontend, specs[deep],
+                                                             f"model {m}") for m in range(len(models))]  # fmt: skip
+    absent = [frozenset() if m == deep else twins[m].absent for m in range(len(models))]
+    sizes = [group_sizes(s) for s in engine_specs]
+    if width is None:
+        err = _width_error(sizes, absent, specs[deep])
+        if err is not None:
+            raise err
+    targets = target_widths(sizes, width if width is not None else "max", absent)
+    opts = EngineOptions(method=method, alpha=opt["alpha"], matcher=opt["matcher"], seed=opt["seed"],
+                         zip_alpha=opt["zip_alpha"], zip_beta=opt["zip_beta"], max_sweeps=opt["max_sweeps"],
+                         patience=opt["patience"], max_batches=max_batches, progress=progress)  # fmt: skip
+    t2 = time.perf_counter()
+    state, engine_report = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
+                                        opts=opts, base=deep)  # fmt: skip
+    resized = targets != group_sizes(specs[deep])
+    skeleton = (resize_model(models[deep], specs[deep], targets, example_inputs=example_inputs) if resized
+                else copy.deepcopy(models[deep]))  # fmt: skip
+    skeleton.load_state_dict(state)
+    if opt["reset_bn"] and data is not None and _has_bn(skeleton):
+        from fxmerge.passes.bn import reset_bn_stats
+
+        skeleton = reset_bn_stats(skeleton, data, progress=progress, num_batches=max_batches)
+    spec = infer_groups(skeleton, example_inputs, frontend=frontend) if resized else specs[deep]
+    report = {
+        "method": method,
+        "hetero": True,
+        "depth": depth,
+        "width": width,
+        "n_models": len(models),
+        "deep_model": deep,
+        "blocks": [[b.name for b in s.blocks] for s in structs],
+        "stages": [list(s.stages) for s in structs],
+        "segmentation": info["segmentation"],
+        "cka": info["cka"],
+        "cka_plot": info["cka_plot"],
+        "widths": _widths_report(sizes, targets),
+        "padded_blocks": {m: list(t.padded) for m, t in twins.items()},
+        "absent_groups": {m: sorted(t.absent) for m, t in twins.items()},
+        "identity_max_error": errors,
+        "options": {k: opt[k] for k in ("alpha", "matcher", "seed", "zip_alpha", "zip_beta", "reset_bn")},
+        "engine": engine_report,
+        "timings": {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2},
+    }
+    return MergeResult(skeleton, spec, report)
