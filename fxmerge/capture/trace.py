@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 from torch.fx._pytree import tree_flatten_spec
 
 from fxmerge.errors import CaptureError
@@ -91,19 +92,28 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class _LeafTracer(fx.Tracer):
     """fx tracer whose leaves are exactly the module classes that have a rule."""
 
-    def __init__(self, rules: RuleTable) -> None:
+    def __init__(self, rules: RuleTable, stack_traces: bool) -> None:
         super().__init__()
         self.rules = rules
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return self.rules.has_module(type(m))
 
 
 def capture(
-    model: nn.Module, example_inputs: Any, frontend: Frontend = "auto", *, rules: RuleTable | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    frontend: Frontend = "auto",
+    *,
+    rules: RuleTable | None = None,
+    stack_traces: bool = False,
 ) -> CapturedGraph:
-    """Capture ``model`` as a graph; ``auto`` tries fx symbolic tracing, then ``torch.export``."""
+    """Capture ``model`` as a graph; ``auto`` tries fx symbolic tracing, then ``torch.export``.
+
+    ``stack_traces`` records the user source line of every fx node (a third of fx's tracing time; the
+    diagnostics re-capture with it when they need to point at source lines).
+    """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
     if frontend not in ("auto", "fx", "export"):
@@ -113,7 +123,7 @@ def capture(
     fx_error: Exception | None = None
     if frontend in ("auto", "fx"):
         try:
-            return _capture_fx(model, rules)
+            return _capture_fx(model, rules, stack_traces)
         except CaptureError as e:
             if frontend == "fx":
                 raise
@@ -123,11 +133,11 @@ def capture(
     return cg
 
 
-def _capture_fx(model: nn.Module, rules: RuleTable) -> CapturedGraph:
+def _capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool) -> CapturedGraph:
     name = type(model).__name__
     try:
         with eval_mode(model):
-            graph = _LeafTracer(rules).trace(model)
+            graph = _LeafTracer(rules, stack_traces).trace(model)
     except Exception as e:
         raise CaptureError(
             f"torch.fx could not trace {name}: {type(e).__name__}: {_first_line(e)}. "
@@ -135,7 +145,8 @@ def _capture_fx(model: nn.Module, rules: RuleTable) -> CapturedGraph:
             "Hugging Face models and most custom code), or make the offending code traceable "
             "(concrete_args, torch.fx.wrap, or register a rule for the module with @fxmerge.rule so it becomes a leaf)."
         ) from e
-    gm = fx.GraphModule(model, graph, class_name=f"{name}Graph")
+    # code generation is deferred until the module is called: analysis only walks the graph
+    gm = _make_graph_module(model, graph, class_name=f"{name}Graph", graph_module_cls=_LazyGraphModule)
     state = model_state(model)
     bindings = {n.name: str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target) in state}
     constants = {}

@@ -89,22 +89,22 @@ class ModelEntry(_Strict):
 
 
 class MergeOptions(_Strict):
-    """``options:``, the keyword arguments of :func:`fxmerge.merge` (see docs/methods.md)."""
+    """``options:``, the keyword arguments of ``fxmerge.merge`` (see docs/methods.md)."""
 
-    alpha: float = Field(0.5, ge=0.0, le=1.0)
-    matcher: Literal["align", "zip"] = "align"
-    seed: int = 0
-    reset_bn: bool = True
-    repair: bool = False
-    stop_at: str | None = None
-    depth: str | None = None
-    width: str | int | None = None
-    zip_alpha: float = Field(0.5, ge=0.0, le=1.0)
-    zip_beta: float = Field(1.0, ge=0.0)
-    max_batches: int | None = Field(None, ge=1)
-    max_sweeps: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1)
-    frontend: Literal["auto", "fx", "export"] = "auto"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="mudsc: weight share of the weight vs activation similarity")
+    matcher: Literal["align", "zip"] = Field("align", description="mudsc: one-to-one alignment or zipping")
+    seed: int = Field(0, description="seed of the random sweep order and sampling")
+    reset_bn: bool = Field(True, description="re-estimate BatchNorm statistics on the data after merging")
+    repair: bool = Field(False, description="REPAIR: rescale producer layers to the parents' statistics (needs data)")
+    stop_at: str | None = Field(None, description="partial zipping: merge up to this module, keep N tails after it")
+    depth: str | None = Field(None, description="merge models of different depth (e.g. 'lma')")
+    width: str | int | None = Field(None, description="merge models of different width (e.g. 'max')")
+    zip_alpha: float = Field(0.5, ge=0.0, le=1.0, description="ZipIt: decay of a merged unit's further matches")
+    zip_beta: float = Field(1.0, ge=0.0, description="ZipIt: budget of within-model merges")
+    max_batches: int | None = Field(None, ge=1, description="use at most this many data batches per pass")
+    max_sweeps: int = Field(30, ge=1, description="rebasin/mudsc: coordinate-descent sweeps at most")
+    patience: int = Field(5, ge=1, description="mudsc: stop after this many sweeps without improvement")
+    frontend: Literal["auto", "fx", "export"] = Field("auto", description="graph capture: torch.fx or torch.export")
 
     def merge_kwargs(self) -> dict[str, Any]:
         return self.model_dump()
@@ -113,8 +113,8 @@ class MergeOptions(_Strict):
 class DigitsData(_Strict):
     """scikit-learn's bundled 8x8 digits as ``[B, 1, 8, 8]`` images (nothing is downloaded)."""
 
-    classes: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
-    split: Literal["train", "test"] = "train"
+    classes: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, description="digits to use")
+    split: Literal["train", "test"] = Field("train", description="which part of the stratified split")
     batch_size: int = Field(64, ge=1)
     limit: int | None = Field(None, ge=1, description="use at most this many images")
     seed: int = Field(0, description="seed of the train/test split")
@@ -130,12 +130,12 @@ class DigitsData(_Strict):
 class ImageFolderData(_Strict):
     """A ``torchvision.datasets.ImageFolder`` (one sub-folder per class), resized and center-cropped."""
 
-    path: str
-    size: int = Field(224, ge=1)
+    path: str = Field(description="folder with one sub-folder of images per class")
+    size: int = Field(224, ge=1, description="resize the short side, then center-crop to size x size")
     batch_size: int = Field(32, ge=1)
     limit: int | None = Field(None, ge=1, description="use at most this many images, evenly spread")
-    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], description="per-channel mean")
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], description="per-channel std")
 
     @field_validator("path")
     @classmethod
@@ -156,8 +156,8 @@ class ImageFolderData(_Strict):
 class DataConfig(_Strict):
     """``data:``, exactly one source of input batches."""
 
-    digits: DigitsData | None = None
-    image_folder: ImageFolderData | None = None
+    digits: DigitsData | None = Field(None, description="see data.digits")
+    image_folder: ImageFolderData | None = Field(None, description="see data.image_folder")
     callable: str | None = Field(None, description="package.module:fn; fn() returns an iterable of batches")
 
     @field_validator("callable")
@@ -178,7 +178,7 @@ class OutputsConfig(_Strict):
 
     checkpoint: bool = Field(True, description="model.safetensors + model.safetensors.json (fxmerge.load_state)")
     onnx: bool = Field(False, description="model.onnx, verified in onnxruntime against PyTorch")
-    onnx_dynamic_batch: bool = True
+    onnx_dynamic_batch: bool = Field(True, description="keep the ONNX batch dimension dynamic")
     report: bool = Field(True, description="report.json")
     plots: bool = Field(True, description="PNG charts under plots/")
     max_heatmaps: int = Field(24, ge=0, description="at most this many per-space similarity heatmaps")
@@ -193,13 +193,13 @@ class OutputsConfig(_Strict):
 class MergeConfig(_Strict):
     """A validated ``fxmerge merge`` config."""
 
-    models: list[ModelEntry] = Field(min_length=2)
-    method: str
-    options: MergeOptions = Field(default_factory=MergeOptions)
-    data: DataConfig | None = None
+    models: list[ModelEntry] = Field(min_length=2, description="two or more models of one architecture")
+    method: str = Field(description=", ".join(METHODS))
+    options: MergeOptions = Field(default_factory=MergeOptions, description="keyword arguments of fxmerge.merge")
+    data: DataConfig | None = Field(None, description="input batches (needed by act_align, zipit, mudsc, repair)")
     evaluate: str | None = Field(None, description="package.module:fn; fn(model) returns {metric: float}")
     input_shape: Shape = Field(None, description="default input_shape of every model")
-    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig, description="what to write into --out")
     _root: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="config")
 

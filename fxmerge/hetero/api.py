@@ -41,7 +41,7 @@ DEPTH_METHODS = ("lma", "sma", "uniform")
 IDENTITY_TOL = 1e-4  # relative deviation of a twin from its model above which padding is reported inexact
 _OPTIONS = {"alpha": 0.5, "matcher": "align", "seed": 0, "reset_bn": True, "progress": True, "frontend": "auto",
             "max_sweeps": 30, "patience": 5, "zip_alpha": 0.5, "zip_beta": 1.0, "max_batches": None,
-            "spec": None}  # fmt: skip
+            "spec": None, "repair": False}  # fmt: skip
 
 
 def _validate(models: Any, method: str, data: Any, depth: str | None, where: str, options: dict) -> None:
@@ -63,6 +63,9 @@ def _validate(models: Any, method: str, data: Any, depth: str | None, where: str
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise MergeError(f"merge_hetero does not support the option(s) {unknown}.")
+    if options.get("repair"):
+        raise MergeError("repair=True is not supported for heterogeneous merges (zipped, padded models); "
+                         "BatchNorm models are re-normalised with reset_bn=True.")  # fmt: skip
     if options.get("spec") is not None:
         raise MergeError("spec= cannot be used for heterogeneous merges: each model's spec is inferred separately.")
 

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from fxmerge.capture.trace import CapturedGraph, eval_mode, split_inputs
 from fxmerge.errors import MergeError
-from fxmerge.hetero.graph import contains_tensor, node_params, run_graph
+from fxmerge.hetero.graph import contains_tensor, node_params, node_reads, run_graph
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
 
@@ -299,7 +299,7 @@ def _skip_and_branch(flow: _Flow, seg: _Segment, add: str) -> tuple[bool, str | 
 def _reaches_input(flow: _Flow, seg: _Segment, node: str) -> bool:
     while node != seg.inp:
         ins = flow.rel_inputs(node)
-        if (node not in seg.nodes or node_params(flow.cg, flow.by_name[node]) or len(ins) != 1
+        if (node not in seg.nodes or node_reads(flow.cg, flow.by_name[node]) or len(ins) != 1
                 or flow.shapes.get(node) != flow.shapes.get(seg.inp)):  # fmt: skip
             return False
         node = ins[0]

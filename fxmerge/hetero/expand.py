@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxmerge.errors import MergeError
 from fxmerge.hetero.blocks import Block, BlockStructure
-from fxmerge.hetero.graph import node_params
+from fxmerge.hetero.graph import node_reads
 from fxmerge.hetero.width import check_runs, group_sizes, resize_model
 from fxmerge.ir.layout import G, Layout, LFixed, Prod, describe, groups_in
 from fxmerge.ir.spec import PermutationSpec
@@ -96,8 +96,9 @@ def _axis_sizes(spec: PermutationSpec, lay: Layout, n: int, names: tuple[str, st
         return {gid: spec.group(gid).size for gid in groups_in(lay)}
     if isinstance(lay, LFixed):
         raise MergeError(
-            f"axis {axis} of {names[0]!r} has {lay.size} entries in the deep model but {names[1]!r} has {n}; "
-            "the axis is fixed (model input/output, kernel), so the models are incompatible there."
+            f"axis {axis} of {names[0]!r} has {lay.size} entries in the deep model but {names[1]!r} has {n} in the "
+            "shallow model; the axis is fixed (model input/output, kernel size), so the stems, heads or layer "
+            "kinds of the models are incompatible there."
         )
     raise MergeError(
         f"axis {axis} of {names[0]!r} has layout {describe(lay)} ({lay.size} entries) but {names[1]!r} has {n}: "
@@ -175,8 +176,7 @@ def _branch_end(deep: BlockStructure, block: Block, branch: str) -> list[str]:
     inside = set(block.nodes)
     node = by_name[branch]
     while True:
-        params = list(node_params(cg, node))
-        params += [p for a in node.all_input_nodes if a.op in ("get_attr", "placeholder") for p in node_params(cg, a)]
+        params = node_reads(cg, node)
         if params:
             return params
         ins = [a for a in node.all_input_nodes

@@ -16,7 +16,7 @@ from torch import fx
 from fxmerge.capture.trace import CapturedGraph
 from fxmerge.errors import MergeError
 
-__all__ = ["contains_tensor", "node_params", "run_graph"]
+__all__ = ["contains_tensor", "node_params", "node_reads", "run_graph"]
 
 
 class _Recorder(fx.Interpreter):
@@ -85,3 +85,12 @@ def node_params(cg: CapturedGraph, node: fx.Node) -> list[str]:
     if node.op in ("get_attr", "placeholder") and node.name in cg.bindings:
         return [cg.bindings[node.name]]
     return []
+
+
+def node_reads(cg: CapturedGraph, node: fx.Node) -> list[str]:
+    """State names a node computes with: its own (:func:`node_params`) plus bound tensor inputs."""
+    out = list(node_params(cg, node)) if node.op == "call_module" else []
+    for a in node.all_input_nodes:
+        if a.op in ("get_attr", "placeholder"):
+            out += node_params(cg, a)
+    return list(dict.fromkeys(out))

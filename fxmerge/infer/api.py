@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from fxmerge.capture.trace import Frontend, capture, split_inputs
+from fxmerge.capture.trace import CapturedGraph, Frontend, capture, split_inputs
 from fxmerge.errors import UnsupportedOpsError
 from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from fxmerge.infer.build import build_spec
@@ -45,15 +45,25 @@ def infer_groups(
         spec = fxmerge.infer_groups(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
         print(spec)
     """
-    cg = capture(model, example_inputs, frontend, rules=rules)
-    interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
-    args, kwargs = split_inputs(example_inputs)
-    interp.run(cg.flat_inputs(args, kwargs))
+    cg, interp = _interpret(model, example_inputs, frontend, rules, free_outputs, stack_traces=False)
+    if interp.unsupported and cg.frontend == "fx":  # re-trace with source lines for the diagnostics
+        cg, interp = _interpret(model, example_inputs, "fx", rules, free_outputs, stack_traces=True)
     if strict and interp.unsupported:
         raise UnsupportedOpsError(format_unsupported(type(model).__name__, interp.unsupported), interp.unsupported)
     spec = build_spec(interp)
     spec.graph = cg
     return spec
+
+
+def _interpret(
+    model: nn.Module, example_inputs: Any, frontend: Frontend, rules: RuleTable | None, free_outputs: bool,
+    *, stack_traces: bool,
+) -> tuple[CapturedGraph, GraphInterpreter]:  # fmt: skip
+    cg = capture(model, example_inputs, frontend, rules=rules, stack_traces=stack_traces)
+    interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
+    args, kwargs = split_inputs(example_inputs)
+    interp.run(cg.flat_inputs(args, kwargs))
+    return cg, interp
 
 
 def format_unsupported(model_name: str, records: list[UnsupportedOp]) -> str:

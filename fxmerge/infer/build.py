@@ -106,12 +106,13 @@ def build_spec(interp: GraphInterpreter) -> PermutationSpec:
     cov.unsupported = [
         UnsupportedRecord(u.target, u.node, u.module_path, u.source, tuple(u.params)) for u in interp.unsupported
     ]
-    probes = _probes(interp, res, {g.id for g in groups})
+    found = layout_probes(interp, res)
+    probes = _probes(found, {g.id for g in groups})
     contracted = interp.ctx.contracted
     roles = {n: ["in" if (id(cg.state[n]), a) in contracted else "out" for a in range(len(lays))] for n, lays in axes.items()}
     spec = PermutationSpec(groups, axes, cov, probes, {n: tuple(cg.state[n].shape) for n in axes})
     spec.roles = roles
-    spec.layout_probes = layout_probes(interp, res)
+    spec.layout_probes = found
     return spec
 
 
@@ -164,9 +165,9 @@ def _mark_blocks(lay: Layout, groups: dict[int, Group]) -> None:
             _mark_blocks(i, groups)
 
 
-def _probes(interp: GraphInterpreter, res: _Resolver, valid: set[int]) -> dict[int, list[tuple[str, int]]]:
+def _probes(found: list[tuple[str, tuple[int, ...], Layout]], valid: set[int]) -> dict[int, list[tuple[str, int]]]:
     out: dict[int, list[tuple[str, int]]] = {}
-    for node_name, axes, lay in layout_probes(interp, res):
+    for node_name, axes, lay in found:
         if isinstance(lay, G) and lay.gid in valid and len(axes) == 1:
             out.setdefault(lay.gid, []).append((node_name, axes[0]))
     return out

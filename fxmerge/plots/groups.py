@@ -36,12 +36,12 @@ def plot_groups(spec: PermutationSpec, path: str | os.PathLike[str], *, title: s
     sizes = [g.size for g in spec.groups]
     colors = [KIND_COLORS.get(g.kind, "#7f7f7f") for g in spec.groups]
     left.bar(ids, sizes, color=colors, width=0.8 if len(ids) < 80 else 1.0)
-    for kind, color in KIND_COLORS.items():
-        if any(g.kind == kind for g in spec.groups):
-            left.bar([], [], color=color, label=kind)
-    if spec.groups:
-        left.legend(fontsize="small")
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
+
+    kinds = [k for k in KIND_COLORS if any(g.kind == k for g in spec.groups)]
+    if kinds:
+        left.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in kinds], fontsize="small")
 
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("group id")
