@@ -14,7 +14,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxmerge.capture.trace import CapturedGraph, capture, eval_mode
-from fxmerge.errors import MergeError
+from fxmerge.errors import CaptureError, MergeError
 from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.spaces import Space
@@ -94,32 +94,82 @@ def activation_correlations(
     probes = probe_points(spec, spaces)
     keep = {node for pts in probes.values() for node, _ in pts}
     frontend = spec.graph.frontend if spec.graph is not None else "auto"
-    graphs = [capture(m, example_inputs, frontend) for m in models]
-    for cg in graphs:
-        names = {n.name for n in cg.gm.graph.nodes}
-        if not keep <= names:
-            raise MergeError("models do not capture to the same graph; merge models of one architecture")
+    graphs = _GraphCache(models, example_inputs, frontend, keep)
     accs = {k: CorrelationAccumulator([spaces[k].size] * len(models)) for k in probes}
     gen = torch.Generator().manual_seed(seed)
     batches = iter_inputs(data)
     it = tqdm(batches, desc="activation statistics", disable=not progress, leave=False)
-    with torch.no_grad():
-        ctxs = [eval_mode(cg.gm) for cg in graphs]
-        for c in ctxs:
-            c.__enter__()
-        try:
-            for i, (args, kwargs) in enumerate(it):
-                if max_batches is not None and i >= max_batches:
-                    break
-                _accumulate(graphs, keep, probes, accs, args, kwargs, gen)
-        finally:
-            for c in ctxs:
-                c.__exit__(None, None, None)
+    with torch.no_grad(), _all_eval(models):
+        for i, (args, kwargs) in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen)
     result = {}
     for k, acc in accs.items():
         acc.all_reduce()
         result[k] = acc.correlation()
     return result
+
+
+class _GraphCache:
+    """Captured graphs of every model, per input-shape signature.
+
+    fx graphs run at any batch size; ``torch.export`` graphs are specialised to the example shapes, so a
+    batch of another shape (e.g. the last, smaller batch of a loader) gets its own capture.
+    """
+
+    def __init__(self, models: list[nn.Module], example_inputs: Any, frontend: str, keep: set[str]) -> None:
+        self.models = models
+        self.keep = keep
+        self.frontend = frontend
+        first = self._capture(example_inputs, frontend)
+        self.frontend = first[0].frontend
+        self.cache: dict[tuple, list[CapturedGraph]] = {}
+        self.default = first
+
+    def _capture(self, inputs: Any, frontend: str) -> list[CapturedGraph]:
+        graphs = [capture(m, inputs, frontend) for m in self.models]
+        for cg in graphs:
+            if not self.keep <= {n.name for n in cg.gm.graph.nodes}:
+                raise MergeError("models do not capture to the same graph; merge models of one architecture")
+        return graphs
+
+    def get(self, args: tuple, kwargs: dict) -> list[CapturedGraph]:
+        if self.frontend == "fx":
+            return self.default
+        key = _shape_key((args, kwargs))
+        if key not in self.cache:
+            inputs = (*args, kwargs) if kwargs else args
+            try:
+                self.cache[key] = self._capture(inputs, "export")
+            except CaptureError as e:
+                raise MergeError(f"a data batch does not fit the model: {str(e)[:300]}") from e
+        return self.cache[key]
+
+
+def _shape_key(obj: Any) -> tuple:
+    if isinstance(obj, torch.Tensor):
+        return ("T", tuple(obj.shape), obj.dtype)
+    if isinstance(obj, (tuple, list)):
+        return tuple(_shape_key(x) for x in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _shape_key(v)) for k, v in sorted(obj.items()))
+    return (repr(obj),)
+
+
+class _all_eval:
+    """Every model in eval mode for the pass; train/eval flags restored afterwards."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.ctxs = [eval_mode(m) for m in models]
+
+    def __enter__(self) -> None:
+        for c in self.ctxs:
+            c.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for c in self.ctxs:
+            c.__exit__(None, None, None)
 
 
 def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
