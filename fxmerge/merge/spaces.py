@@ -7,7 +7,8 @@
   structured spaces with the same outer group share one block (head) assignment.
 
 Groups that appear only inside layouts the matchers cannot express stay at the identity (sound: they are
-simply averaged in place).
+simply averaged in place). A nested structured layout (GQA: kv heads x query heads per kv x head dim) is
+matched at its outermost level only: whole blocks move together, their inner groups stay at the identity.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def find_spaces(spec: PermutationSpec) -> tuple[dict[Layout, Space], set[int]]:
             elif isinstance(lay.outer, G) and unit == 1 and all(isinstance(i, (G, LFixed)) for i in lay.inners):
                 sp = spaces.setdefault(lay, Space(lay, lay.size, lay.outer.size, lay.outer.gid))
                 sp.slots.append(Slot(name, axis, offset, 1))
+            elif isinstance(lay.outer, (G, Prod)):  # nested blocks (e.g. GQA): match whole blocks, inners kept
+                visit(lay.outer, name, axis, offset, unit * m)
+                stuck.update(g for i in lay.inners for g in groups_in(i))
             else:
                 stuck.update(groups_in(lay))
 
@@ -78,8 +82,11 @@ def find_spaces(spec: PermutationSpec) -> tuple[dict[Layout, Space], set[int]]:
         for axis, lay in enumerate(layouts):
             visit(lay, name, axis, 0, 1)
     covered = {g for sp in spaces.values() for g in sp.groups}
-    plain = {sp.key.gid for sp in spaces.values() if isinstance(sp.key, G)}
+    plain = {sp.key.gid: sp for sp in spaces.values() if isinstance(sp.key, G)}
     for sp in spaces.values():
-        if sp.structured and sp.outer in plain:
-            stuck.update(sp.groups)  # the outer group also lives unstructured somewhere: keep it simple
-    return {k: v for k, v in spaces.items() if not (set(v.groups) & stuck)}, stuck | (set(range(len(spec))) - covered)
+        if sp.structured and sp.outer in plain:  # the outer also lives unstructured: match whole blocks
+            stuck.update(set(sp.groups) - {sp.outer})
+            block = sp.size // sp.n_blocks
+            plain[sp.outer].slots += [Slot(s.param, s.axis, s.offset, s.unit * block) for s in sp.slots]
+    kept = {k: v for k, v in spaces.items() if not (set(v.groups) & stuck)}
+    return kept, stuck | (set(range(len(spec))) - covered)

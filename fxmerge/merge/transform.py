@@ -63,6 +63,11 @@ def apply_layout(
         pieces = torch.split(x, inner * unit, dim=axis)
         return torch.cat([apply_layout(pc, axis, i, m, n_models, tr, average, unit, skip, mode)
                           for pc, i in zip(pieces, lay.inners, strict=True)], dim=axis)  # fmt: skip
+    # nested blocks: whole blocks move with the outer group, inner groups kept at the identity
+    if isinstance(lay.outer, Prod):
+        return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip, mode)
+    if lay.outer in tr and lay.outer != skip:
+        return _along(x, axis, _matrix(tr[lay.outer], m, mode), unit * inner)
     return x / scale
 
 
