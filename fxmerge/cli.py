@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -73,7 +73,28 @@ def _output(quiet: bool, as_json: bool) -> Output:
     return Output(quiet or root.quiet, as_json or root.as_json)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The root group: with --json anywhere on the command line, usage errors are a JSON document too."""
+
+    json_requested = False
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.json_requested = "--json" in argv
+        return super().main(argv, *rest, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if not self.json_requested:
+                raise
+            exc.show()
+            click.echo(json.dumps({"ok": False, "error": exc.format_message(), "error_type": "UsageError"}))
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fxmerge")
 @output_options
 @click.pass_context
@@ -173,7 +194,7 @@ def merge(config: str, out_dir: str, overwrite: bool, quiet: bool, as_json: bool
             report = run_merge_config(config, out_dir, progress=out.progress, overwrite=overwrite, log=out.status)
     except FxmergeError as e:
         out.fail(e)
-    if not quiet or as_json:
+    if not out.quiet or out.as_json:
         out.result(_merge_summary(report, out_dir), {"ok": True, "out": os.path.abspath(out_dir), "report": report})
 
 
@@ -223,7 +244,7 @@ def export(source: str, out_file: str, input_shape: str | None, checkpoint: str 
             rep = export_onnx(model, inputs, out_file, dynamic_batch=dynamic_batch, opset=opset, atol=atol, rtol=rtol)
     except FxmergeError as e:
         out.fail(e)
-    if not quiet or as_json:
+    if not out.quiet or out.as_json:
         text = (f"wrote {rep.path} ({rep.exporter}, opset {rep.opset}); onnxruntime vs torch on batch sizes "
                 f"{list(rep.checked_batch_sizes)}: max |diff| {rep.max_abs_diff:.3g}, max rel {rep.max_rel_diff:.3g}")
         if rep.fallback_reason:

@@ -9,8 +9,8 @@ Schema (paths relative to the YAML file)::
       - {model: torchvision:resnet18, checkpoint: b.safetensors}
     method: mudsc                        # average, rebasin, act_align, zipit, wzip, mudsc
     options: {alpha: 0.5, matcher: align, seed: 0, reset_bn: true, repair: false, stop_at: null,
-              depth: null, width: null, zip_alpha: 0.5, zip_beta: 1.0, max_batches: 8, max_sweeps: 30,
-              patience: 5, frontend: auto}
+              zip_alpha: 0.5, zip_beta: 1.0, max_batches: 8, max_sweeps: 30, patience: 5, frontend: auto,
+              depth: null, width: null, where: start, blocks: null, cka_batches: null}   # depth: lma|sma|uniform
     data:                                # exactly one of:
       digits: {classes: [0, 1, 2], split: train, batch_size: 64, limit: null, seed: 0}
       # image_folder: {path: imgs/, size: 224, batch_size: 32, limit: 256, mean: [...], std: [...]}

@@ -37,6 +37,7 @@ CONSTRUCTOR = "fxmerge.config.refs:build_model"
 REPORT_FILE = "report.json"
 ONNX_FILE = "model.onnx"
 PLOTS_DIR = "plots"
+CKA_FILE = "cka.png"
 
 Log = Callable[[str], None]
 
@@ -69,29 +70,37 @@ def run_merge_config(
     started = time.perf_counter()
     cfg = as_config(config)
     out = check_out_dir(out_dir, overwrite)
-    models, inputs = build_models(cfg, say)
-    data = build_data(cfg.data)
-    say(f"merging {len(models)} models with {cfg.method}")
-    result = merge(models, method=cfg.method, data=data, example_inputs=inputs, progress=progress,
-                   **cfg.options.merge_kwargs())  # fmt: skip
-    metrics = evaluate_models(cfg.evaluate, models, result.model, say) if cfg.evaluate else {}
     with staging_folder(out) as stage:
+        models, inputs = build_models(cfg, say)
+        data = build_data(cfg.data)
+        say(f"merging {len(models)} models with {cfg.method}")
+        result = merge(models, method=cfg.method, data=data, example_inputs=inputs, progress=progress,
+                       **cfg.options.merge_kwargs(), **_cka_plot(cfg, stage))  # fmt: skip
+        metrics = evaluate_models(cfg.evaluate, models, result.model, say) if cfg.evaluate else {}
         files: dict[str, Any] = {}
         if cfg.outputs.checkpoint:
             say("saving the checkpoint")
-            files["checkpoint"] = write_checkpoint(stage, cfg, result, models[0], inputs)
+            files["checkpoint"] = write_checkpoint(stage, cfg, result, models, inputs)
         if cfg.outputs.onnx:
             say("exporting ONNX and checking it in onnxruntime")
             files["onnx"] = write_onnx(stage, result.model, inputs, cfg.outputs.onnx_dynamic_batch)
         if cfg.outputs.plots:
             say("drawing plots")
             files["plots"] = write_plots(stage, result, metrics, cfg.outputs.max_heatmaps)
-        report = build_report(cfg, result, metrics, files, time.perf_counter() - started)
+        report = build_report(cfg, result, metrics, files, time.perf_counter() - started, stage)
         if cfg.outputs.report:
             (stage / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
         publish_folder(stage, out)
     say(f"wrote {out}")
     return report
+
+
+def _cka_plot(cfg: MergeConfig, stage: Path) -> dict[str, Any]:
+    """A depth merge with data and plots on draws its CKA alignment into plots/cka.png."""
+    if cfg.options.depth is None or cfg.data is None or not cfg.outputs.plots:
+        return {}
+    (stage / PLOTS_DIR).mkdir(exist_ok=True)
+    return {"cka_plot": stage / PLOTS_DIR / CKA_FILE}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -137,16 +146,18 @@ def _metrics(fn: Callable[[nn.Module], Any], ref: str, model: nn.Module, name: s
 # ----------------------------------------------------------------------------------------- outputs
 
 
-def write_checkpoint(stage: Path, cfg: MergeConfig, result: MergeResult, parent: nn.Module, inputs: Any) -> dict:
-    """``model.safetensors`` (+ sidecar). When the merged model keeps the parents' architecture the sidecar
-    names a constructor so :func:`fxmerge.load_state` rebuilds it; otherwise a ``model.pt2`` program is added."""
-    ref, shape = cfg.models[0].model, cfg.shape_of(0)
-    meta = {"model": ref, "input_shape": shape, "method": cfg.method}
-    same = _same_layout(result.model, parent)
-    save_state(result.model, stage / STATE_FILE, constructor=CONSTRUCTOR if same else None,
-               constructor_kwargs={"ref": ref, "input_shape": shape} if same else None, meta=meta)  # fmt: skip
-    info: dict[str, Any] = {"state": STATE_FILE, "constructor": CONSTRUCTOR if same else None}
-    if not same:
+def write_checkpoint(stage: Path, cfg: MergeConfig, result: MergeResult, parents: Sequence[nn.Module],
+                     inputs: Any) -> dict:  # fmt: skip
+    """``model.safetensors`` (+ sidecar). When the merged model has the architecture of one of its parents the
+    sidecar names a constructor (that parent's reference) so :func:`fxmerge.load_state` rebuilds it; otherwise
+    (partial zipping) a ``model.pt2`` program is added."""
+    same = next((i for i, p in enumerate(parents) if _same_layout(result.model, p)), None)
+    ctor = CONSTRUCTOR if same is not None else None
+    kwargs = {"ref": cfg.models[same].model, "input_shape": cfg.shape_of(same)} if same is not None else None
+    meta = {"model": cfg.models[0].model, "input_shape": cfg.shape_of(0), "method": cfg.method}
+    save_state(result.model, stage / STATE_FILE, constructor=ctor, constructor_kwargs=kwargs, meta=meta)
+    info: dict[str, Any] = {"state": STATE_FILE, "constructor": ctor}
+    if same is None:
         try:
             save_program(result.model, inputs, stage / PROGRAM_FILE)
             info["program"] = PROGRAM_FILE
@@ -172,10 +183,12 @@ def write_plots(stage: Path, result: MergeResult, metrics: Mapping, max_heatmaps
     from fxmerge.plots import write_merge_plots
 
     paths = write_merge_plots(result, stage / PLOTS_DIR, metrics=metrics or None, max_heatmaps=max_heatmaps)
-    return [p.relative_to(stage).as_posix() for p in paths]
+    cka = stage / PLOTS_DIR / CKA_FILE
+    return [p.relative_to(stage).as_posix() for p in [*paths, *([cka] if cka.is_file() else [])]]
 
 
-def build_report(cfg: MergeConfig, result: MergeResult, metrics: Mapping, files: Mapping, seconds: float) -> dict:
+def build_report(cfg: MergeConfig, result: MergeResult, metrics: Mapping, files: Mapping, seconds: float,
+                 stage: Path | None = None) -> dict:  # fmt: skip
     """The merge report plus the config, coverage, metrics and the files written (paths relative to DIR)."""
     from fxmerge import __version__
 
@@ -191,19 +204,22 @@ def build_report(cfg: MergeConfig, result: MergeResult, metrics: Mapping, files:
         "files": {**files, **({"report": REPORT_FILE} if cfg.outputs.report else {})},
         "seconds": seconds,
     }  # fmt: skip
-    return jsonable(report)
+    return jsonable(report, f"{stage}{os.sep}" if stage is not None else None)
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON: NaN/inf become None, tuples lists, paths strings."""
+def jsonable(obj: Any, strip: str | None = None) -> Any:
+    """Plain JSON: NaN/inf become None, tuples lists, paths strings; strings starting with ``strip`` lose it
+    (paths into the staging folder become relative to the output folder)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, strip) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, strip) for v in obj]
     if isinstance(obj, Path):
-        return str(obj)
+        obj = str(obj)
+    if isinstance(obj, str) and strip and obj.startswith(strip):
+        return obj[len(strip) :]
     return obj
 
 
@@ -217,6 +233,9 @@ def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
         raise ConfigError(f"out: {out} is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"out: {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+    anchor = _existing_ancestor(out)
+    if not os.access(anchor, os.W_OK):
+        raise ConfigError(f"out: cannot create {out}: {anchor} is not writable")
     return out
 
 
@@ -230,7 +249,11 @@ def _existing_ancestor(path: Path) -> Path:
 @contextlib.contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
     """A hidden temporary folder on ``out``'s file system (in its nearest existing ancestor), removed on exit."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=_existing_ancestor(out)))
+    anchor = _existing_ancestor(out)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=anchor))
+    except OSError as exc:
+        raise ConfigError(f"out: cannot write under {anchor}: {exc.strerror or exc}") from exc
     try:
         yield stage
     finally:

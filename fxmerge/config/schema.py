@@ -33,6 +33,7 @@ from fxmerge.errors import ConfigError
 from fxmerge.merge.api import METHODS, NEEDS_DATA
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+HETERO_ONLY = ("where", "blocks", "cka_batches")
 _SHAPE_TEXT = re.compile(r"\s*\d+(\s*[,x]\s*\d+)*\s*")
 
 
@@ -97,8 +98,13 @@ class MergeOptions(_Strict):
     reset_bn: bool = Field(True, description="re-estimate BatchNorm statistics on the data after merging")
     repair: bool = Field(False, description="REPAIR: rescale producer layers to the parents' statistics (needs data)")
     stop_at: str | None = Field(None, description="partial zipping: merge up to this module, keep N tails after it")
-    depth: str | None = Field(None, description="merge models of different depth (e.g. 'lma')")
-    width: str | int | None = Field(None, description="merge models of different width (e.g. 'max')")
+    depth: Literal["lma", "sma", "uniform"] | None = Field(None, description="merge models of different depth")
+    width: str | int | dict[int, int] | None = Field(
+        None, description="merge models of different width: 'max', 'min', a width, or {group id: width}")
+    where: Literal["start", "end"] = Field("start", description="depth: a shallow block goes to its segment's start/end")
+    blocks: list[list[str | list[str]] | None] | None = Field(
+        None, description="depth: per model, its block module names (default: found automatically)")
+    cka_batches: int | None = Field(None, ge=1, description="depth: batches used for the CKA alignment")
     zip_alpha: float = Field(0.5, ge=0.0, le=1.0, description="ZipIt: decay of a merged unit's further matches")
     zip_beta: float = Field(1.0, ge=0.0, description="ZipIt: budget of within-model merges")
     max_batches: int | None = Field(None, ge=1, description="use at most this many data batches per pass")
@@ -106,8 +112,28 @@ class MergeOptions(_Strict):
     patience: int = Field(5, ge=1, description="mudsc: stop after this many sweeps without improvement")
     frontend: Literal["auto", "fx", "export"] = Field("auto", description="graph capture: torch.fx or torch.export")
 
+    @field_validator("width")
+    @classmethod
+    def _width(cls, value: str | int | dict[int, int] | None) -> str | int | dict[int, int] | None:
+        if isinstance(value, str) and value not in ("max", "min"):
+            raise ValueError(f"must be 'max', 'min', a positive width or a mapping group id -> width, got {value!r}")
+        widths = value.values() if isinstance(value, dict) else [value] if isinstance(value, int) else []
+        if any(w < 1 for w in widths):
+            raise ValueError(f"widths must be >= 1, got {value}")
+        return value
+
+    @property
+    def hetero(self) -> bool:
+        """Whether depth or width heterogeneity is switched on."""
+        return self.depth is not None or self.width is not None
+
     def merge_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
+        """Keyword arguments for :func:`fxmerge.merge` (the depth/width options only when they apply)."""
+        kwargs = self.model_dump()
+        if not self.hetero:
+            for key in HETERO_ONLY:
+                kwargs.pop(key)
+        return kwargs
 
 
 class DigitsData(_Strict):
@@ -236,8 +262,11 @@ def cross_field_errors(cfg: MergeConfig) -> list[str]:
     if opts.repair and (opts.stop_at is not None or opts.matcher == "zip" or cfg.method in ("zipit", "wzip")):
         errors.append("options.repair: needs a one-to-one matching: use an align method (matcher: align) without "
                       "stop_at")  # fmt: skip
-    if opts.stop_at is not None and (opts.depth is not None or opts.width is not None):
+    if opts.stop_at is not None and opts.hetero:
         errors.append("options.stop_at: partial zipping cannot be combined with depth/width")
+    for key in HETERO_ONLY:
+        if key in opts.model_fields_set and not opts.hetero:
+            errors.append(f"options.{key}: applies only to depth/width merges; set options.depth or options.width")
     return errors
 
 

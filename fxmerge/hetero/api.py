@@ -83,7 +83,10 @@ def _depth_error(structs: list[BlockStructure]) -> MergeError:
     return MergeError(f"the models differ in depth ({desc}); pass depth='lma', 'sma' or 'uniform'.")
 
 
-def _align(models, structs, data, depth, where, cka_plot, cka_batches, progress) -> tuple[list, dict]:
+def _align(
+    models: Sequence[nn.Module], structs: list[BlockStructure], data: Any, depth: str | None, where: str,
+    cka_plot: str | os.PathLike[str] | None, cka_batches: int | None, progress: bool,
+) -> tuple[list[list[int]], dict[str, Any]]:  # fmt: skip
     """Slots of every model's blocks in the deepest model, and the alignment report."""
     deep = max(range(len(structs)), key=lambda i: (len(structs[i].blocks), -i))
     slots: list[list[int]] = [list(range(len(s.blocks))) for s in structs]

@@ -10,7 +10,10 @@ tensor names and group structure, per-model group sizes. Two paths:
   the stacked units of the present models is zipped to the space's target width
   (:func:`fxmerge.match.zip_match` with ``target``), so merge[m] is [K, C_m] and unmerge[m] is [C_m, K].
 
-Merged tensors are Σ_m transform_param(spec_m, W_m) (ZipIt's Σ_m M_out W_m U_inᵀ) at the target widths.
+Merged tensors are Σ_m M_out W_m U_inᵀ (:func:`fxmerge.merge.transform.transform_param`) at the target
+widths. Tensors without a grouped output axis (heads) are (1/N) Σ_m W_m U_m, the average of the models'
+outputs: with elastic zipping a wide model's unmatched units are singletons, and weighting them with the
+merge matrix (coefficient 1 instead of 1/N) would change the head's scale per unit.
 """
 
 from __future__ import annotations
@@ -176,7 +179,10 @@ def correlations(
     return {i: acc.correlation() for i, acc in accs.items()}
 
 
-def _solve_equal(spec, spaces, states, data, specs, opts) -> tuple[Transforms, dict]:
+def _solve_equal(
+    spec: PermutationSpec, spaces: list[_Space], states: list[dict[str, torch.Tensor]], data: Any,
+    specs: list[PermutationSpec], opts: EngineOptions,
+) -> tuple[Transforms, dict]:  # fmt: skip
     """Same-architecture solvers on the shared spec, absent spaces pinned to present-only identities."""
     n = len(states)
     plain = {s.keys[0]: s.spaces[0] for s in spaces}
@@ -215,7 +221,9 @@ def _wsim(spec: PermutationSpec, space: Space, states: list[dict[str, torch.Tens
     return weight_similarity(unit_vectors(spec, space, states, tr), "corr")
 
 
-def _solve_elastic(specs, spaces, data, opts) -> tuple[list[Transforms], dict]:
+def _solve_elastic(
+    specs: list[PermutationSpec], spaces: list[_Space], data: Any, opts: EngineOptions
+) -> tuple[list[Transforms], dict]:
     """Elastic zipping of every space to its target width (different widths across models)."""
     if opts.method != "zipit":
         raise MergeError(f"models of different widths are merged by elastic zipping: use method='zipit' "

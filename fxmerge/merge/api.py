@@ -129,7 +129,7 @@ def merge(
         act = activation_correlations(models, spec, spaces, data, example_inputs, progress=progress, seed=seed,
                                       max_batches=max_batches)  # fmt: skip
     t2 = time.perf_counter()
-    tr, log = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
+    tr, log, sims = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
     t3 = time.perf_counter()
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(merge_state(spec, states, tr))
@@ -139,7 +139,7 @@ def merge(
         merged, info = build_multihead(cg, spec, merged, models, tr, stop_at, example_inputs)
     post = _post_passes(merged, models, spec, spaces, tr, data, reset_bn, repair, progress, max_batches)
     merged = post.pop("model")
-    details = _details(method, spec, spaces, states, act, tr, alpha, n)
+    details = _details(spaces, tr, sims, n)
     report = {
         "method": method,
         "options": {"alpha": alpha, "matcher": opts.matcher, "seed": seed, "zip_alpha": zip_alpha,
@@ -203,53 +203,58 @@ def _aligned_parents(models, spec, spaces, tr) -> list[nn.Module]:
     return refs
 
 
-def _details(method, spec, spaces, states, act, tr, alpha, n) -> dict[str, SpaceDetail]:
-    """Final similarity of each space (the mix its method solves) before (identity) and after matching."""
-    w_share = {"average": 1.0, "rebasin": 1.0, "wzip": 1.0, "act_align": 0.0, "zipit": 0.0}.get(method, alpha)
-    ident = identity_transforms(spaces, n)
+def _details(spaces, tr, sims, n) -> dict[str, SpaceDetail]:
+    """Each space's final matching with the similarity matrix it was solved on; before/after are the mean
+    cross-model similarities of the units paired by the identity and by the matching on that matrix."""
     out = {}
     for key, space in spaces.items():
-        sims = []
-        for t in (ident, tr):
-            s = _wsim(unit_vectors(spec, space, states, t), "corr")
-            a = act.get(key)
-            sims.append(s if a is None else w_share * s + (1 - w_share) * a.to(s))
-        d = space_detail(key, space, sims[1], sims[0], tr[key], n)
+        if key not in sims:
+            continue
+        d = space_detail(key, space, sims[key], tr[key], n)
         out[d.name] = d
     return out
 
 
-def _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience) -> tuple[Transforms, dict]:
+def _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience):
+    """Transforms per space, a log, and the similarity matrix each space's final matching was solved on."""
     n = len(states)
     ident = identity_transforms(spaces, n)
     if method == "average":
-        return ident, {}
+        return ident, {}, {k: _weight_sim(spec, spaces[k], states, ident) for k in spaces}
     if method in ("act_align", "zipit"):
-        return _act_then_weights(spec, spaces, states, act, opts, ident), {}
+        tr, sims = _act_then_weights(spec, spaces, states, act, opts, ident)
+        return tr, {}, sims
     if method == "wzip":
         sims = {k: _weight_sim(spec, spaces[k], states, ident) for k in spaces}
-        return solve_spaces(list(spaces), spaces, sims, n, opts), {}
+        return solve_spaces(list(spaces), spaces, sims, n, opts), {}, sims
     if method == "rebasin":
         tr, log = coordinate_descent(spec, spaces, states, {}, opts, alpha=1.0, init=ident, generator=gen,
                                      max_sweeps=max_sweeps, patience=min(patience, 2))  # fmt: skip
-        return tr, {"sweeps": log.sweeps, "values": log.values}
-    init = _act_then_weights(spec, spaces, states, act, opts, ident)
+        return tr, {"sweeps": log.sweeps, "values": log.values}, {k: _cosine(v) for k, v in log.sims.items()}
+    init, _ = _act_then_weights(spec, spaces, states, act, opts, ident)
     tr, log = coordinate_descent(spec, spaces, states, act, opts, alpha=alpha, init=init, generator=gen,
                                  max_sweeps=max_sweeps, patience=patience)  # fmt: skip
-    return tr, {"sweeps": log.sweeps, "values": log.values}
+    return tr, {"sweeps": log.sweeps, "values": log.values}, log.sims
 
 
-def _act_then_weights(spec, spaces, states, act, opts, ident) -> Transforms:
+def _act_then_weights(spec, spaces, states, act, opts, ident) -> tuple[Transforms, dict]:
     """Spaces with activation probes are matched on activations; the rest (e.g. heads inside an opaque
     attention leaf) on weights, with the activation-matched neighbours' transforms applied."""
     n = len(states)
     with_act = [k for k in spaces if act.get(k) is not None]
     tr = dict(ident)
-    tr.update(solve_spaces(with_act, spaces, {k: act[k] for k in with_act}, n, opts))
+    sims = {k: act[k] for k in with_act}
+    tr.update(solve_spaces(with_act, spaces, sims, n, opts))
     rest = [k for k in spaces if k not in with_act]
-    sims = {k: _weight_sim(spec, spaces[k], states, tr) for k in rest}
-    tr.update(solve_spaces(rest, spaces, sims, n, opts))
-    return tr
+    sims.update({k: _weight_sim(spec, spaces[k], states, tr) for k in rest})
+    tr.update(solve_spaces(rest, spaces, {k: sims[k] for k in rest}, n, opts))
+    return tr, sims
+
+
+def _cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Weight matching solves on dot products; report them as cosines (same matching, readable scale)."""
+    d = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / d[:, None] / d[None, :]
 
 
 def _weight_sim(spec, space, states, tr) -> torch.Tensor:

@@ -26,6 +26,7 @@ class MatchOptions:
 class SolveLog:
     sweeps: int = 0
     values: list[float] = field(default_factory=list)
+    sims: dict[Layout, torch.Tensor] = field(default_factory=dict)  # what the returned matchings were solved on
 
 
 def unit_vectors(
@@ -111,6 +112,7 @@ def coordinate_descent(
     n = len(states)
     tr = dict(init)
     best, best_val = dict(tr), -float("inf")
+    last_sims: dict[Layout, torch.Tensor] = {}
     log = SolveLog()
     stale = 0
     groups = _outer_groups(spaces)
@@ -124,11 +126,13 @@ def coordinate_descent(
                 s_a = act.get(k)
                 sims[k] = s_w if s_a is None else alpha * s_w + (1 - alpha) * s_a.to(s_w)
             tr.update(solve_spaces(keys, spaces, sims, n, opts))
+            last_sims.update(sims)
         value = sum(tr[k].value for k in spaces) / max(len(spaces), 1)
         log.sweeps += 1
         log.values.append(value)
         if value > best_val + 1e-9:
             best, best_val, stale = dict(tr), value, 0
+            log.sims = dict(last_sims)
         else:
             stale += 1
             if stale >= patience:

@@ -22,7 +22,7 @@ class SpaceDetail:
     members: list[str]
     similarity: torch.Tensor  # [N*C, N*C], the matrix the final matching was solved on
     matching: Matching
-    before: float  # mean cross-model similarity of the units paired by the identity
+    before: float  # mean cross-model similarity (on ``similarity``) of the units paired by the identity
     after: float  # the same for the units the matching merged
 
     def to_obj(self) -> dict:
@@ -51,9 +51,7 @@ def identity_pairs(size: int, n: int) -> list[torch.Tensor]:
     return [eye] * n
 
 
-def space_detail(
-    key: Layout, space: Space, sim: torch.Tensor, before_sim: torch.Tensor, mt: Matching, n: int
-) -> SpaceDetail:
+def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: int) -> SpaceDetail:
     members = [f"{s.param}[{s.axis}]" for s in space.slots[:6]]
     return SpaceDetail(
         name=space_name(key),
@@ -63,6 +61,6 @@ def space_detail(
         members=members,
         similarity=sim.detach().cpu(),
         matching=mt,
-        before=matched_similarity(before_sim.double().cpu(), identity_pairs(space.size, n)),
+        before=matched_similarity(sim.double().cpu(), identity_pairs(space.size, n)),
         after=matched_similarity(sim.double().cpu(), [u.double().cpu() for u in mt.unmerge]),
     )

@@ -72,14 +72,16 @@ def apply_layout(
 
 
 def averaging_axis(spec: PermutationSpec, name: str) -> int | None:
-    """The axis that carries the merge matrix: first grouped output axis, else first output axis."""
+    """The axis that carries the merge matrix: the first grouped output axis.
+
+    A tensor whose grouped axes are all contracted inputs (a classifier head) has none: it gets ``U_m^T`` on
+    those axes and ``1/N``, i.e. ``(1/N) sum_m W_m U_m``, the average of the models' outputs. (Putting the
+    merge matrix there instead would over-weight units that stayed unmatched, e.g. zip singletons.)
+    """
     roles = spec.roles.get(name, ["out"] * len(spec.axes[name]))
     lays = spec.axes[name]
     for a, (lay, role) in enumerate(zip(lays, roles, strict=True)):
         if role == "out" and not isinstance(lay, LFixed):
-            return a
-    for a, lay in enumerate(lays):
-        if not isinstance(lay, LFixed):
             return a
     return None
 
