@@ -35,8 +35,7 @@ Conventions shared by all commands:
   (`inspect`, `verify`) still print it.
 * `--json`: exactly one JSON document on stdout, also on failure (`{"ok": false, "error": ..., "error_type": ...}`);
   status lines are silenced, progress bars (unless `--quiet`) and error messages go to stderr.
-* Both may be given before the command (`fxmerge --json inspect ...`) or after it (`merge-tv` takes its own
-  `--quiet` / `--json` after the command only).
+* Both may be given before the command (`fxmerge --json inspect ...`) or after it.
 * Exit status: `0` success, `2` invalid input (config, arguments, model reference; nothing is written),
   `1` the work failed (merge, export check, invariance).
 * `package.module:callable` references are imported with the current folder on the module path.

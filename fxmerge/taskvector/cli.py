@@ -45,6 +45,9 @@ def merge_tv(config: str, out_dir: str, quiet: bool, as_json: bool, overwrite: b
     out_dtype); OUT_DIR receives an HF-style directory with sharded safetensors and the base's
     config. The output appears only if the whole merge succeeds.
     """
+    root = click.get_current_context().find_root().obj  # ``fxmerge --json/--quiet merge-tv ...``
+    quiet = quiet or bool(getattr(root, "quiet", False))
+    as_json = as_json or bool(getattr(root, "as_json", False))
     bar = _Bar("merge-tv") if not (quiet or as_json) else None
     try:
         cfg = load_tv_config(config)
