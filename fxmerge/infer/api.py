@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from fxmerge.capture.trace import CapturedGraph, Frontend, capture, split_inputs
-from fxmerge.errors import UnsupportedOpsError
+from fxmerge.errors import CaptureError, FxmergeError, UnsupportedOpsError
 from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter, UnsupportedOp
@@ -62,7 +62,16 @@ def _interpret(
     cg = capture(model, example_inputs, frontend, rules=rules, stack_traces=stack_traces)
     interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
     args, kwargs = split_inputs(example_inputs)
-    interp.run(cg.flat_inputs(args, kwargs))
+    try:
+        interp.run(cg.flat_inputs(args, kwargs))
+    except FxmergeError:
+        raise
+    except Exception as e:  # the example inputs do not fit the model
+        raise CaptureError(
+            f"running {type(model).__name__} on example_inputs failed: {type(e).__name__}: {str(e)[:300]}. "
+            "Pass example_inputs that the model's forward accepts (a tensor, a tuple of positional inputs "
+            "optionally ending with a dict of keyword inputs, or a dict)."
+        ) from e
     return cg, interp
 
 

@@ -90,7 +90,7 @@ def merge(
     ``result.model`` returns a tuple of N outputs. ``depth``/``width`` switch to heterogeneous merging of
     models of different depth or width (``fxmerge.hetero``). The input models are never modified.
     """
-    _validate(models, method, data, matcher, alpha)
+    _validate(models, method, data, matcher, alpha, max_batches)
     if depth is not None or width is not None:
         from fxmerge.hetero.api import merge_hetero
 
@@ -107,14 +107,16 @@ def merge(
     if repair and data is None:
         raise MergeError("repair=True needs data to measure the parents' statistics")
     t0 = time.perf_counter()
+    given_spec = spec is not None
     spec = spec or infer_groups(models[0], example_inputs, frontend=frontend)
     for i, m in enumerate(models):
         try:
             spec.check_model(m)
         except FxmergeError as e:
+            whose = "the spec's (spec= was inferred for another model)" if given_spec else "model 0's"
             raise MergeError(
-                f"model {i} does not have model 0's architecture: {e}. Models of different depth or width "
-                "merge with depth='lma' and/or width='max'."
+                f"model {i} does not have {whose} architecture: {str(e).rstrip('.')}. Models of different "
+                "depth or width merge with depth='lma' and/or width='max'."
             ) from e
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     _check_finite(states)
@@ -224,13 +226,11 @@ def _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, pati
     if method in ("act_align", "zipit"):
         tr, sims = _act_then_weights(spec, spaces, states, act, opts, ident)
         return tr, {}, sims
-    if method == "wzip":
-        sims = {k: _weight_sim(spec, spaces[k], states, ident) for k in spaces}
-        return solve_spaces(list(spaces), spaces, sims, n, opts), {}, sims
-    if method == "rebasin":
+    if method in ("rebasin", "wzip"):  # weight-only: coordinate descent over the spaces
         tr, log = coordinate_descent(spec, spaces, states, {}, opts, alpha=1.0, init=ident, generator=gen,
                                      max_sweeps=max_sweeps, patience=min(patience, 2))  # fmt: skip
-        return tr, {"sweeps": log.sweeps, "values": log.values}, {k: _cosine(v) for k, v in log.sims.items()}
+        sims = {k: _cosine(v) for k, v in log.sims.items()} if opts.weight_sim == "dot" else log.sims
+        return tr, {"sweeps": log.sweeps, "values": log.values}, sims
     init, _ = _act_then_weights(spec, spaces, states, act, opts, ident)
     tr, log = coordinate_descent(spec, spaces, states, act, opts, alpha=alpha, init=init, generator=gen,
                                  max_sweeps=max_sweeps, patience=patience)  # fmt: skip
@@ -261,7 +261,7 @@ def _weight_sim(spec, space, states, tr) -> torch.Tensor:
     return _wsim(unit_vectors(spec, space, states, tr), "corr")
 
 
-def _validate(models, method, data, matcher, alpha) -> None:
+def _validate(models, method, data, matcher, alpha, max_batches) -> None:
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise MergeError("merge needs a list of at least 2 models")
     for i, m in enumerate(models):
@@ -275,6 +275,8 @@ def _validate(models, method, data, matcher, alpha) -> None:
         raise MergeError(f"matcher must be 'align' or 'zip', got {matcher!r}")
     if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise MergeError(f"max_batches must be None or an int >= 1, got {max_batches!r}")
 
 
 def _check_finite(states) -> None:

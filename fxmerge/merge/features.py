@@ -104,6 +104,8 @@ def activation_correlations(
             if max_batches is not None and i >= max_batches:
                 break
             _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen)
+    if accs and all(acc.count == 0 for acc in accs.values()):
+        raise MergeError("data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)")
     result = {}
     for k, acc in accs.items():
         acc.all_reduce()

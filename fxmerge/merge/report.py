@@ -31,7 +31,11 @@ class SpaceDetail:
 
 
 def space_name(key: Layout) -> str:
-    return f"g{key.gid}" if isinstance(key, G) else f"g{key.outer.gid}x[{len(key.inners)} blocks]"
+    """``g3`` for a plain group; ``g5x[g6,g7]`` for heads of outer group 5 with inner groups 6 and 7."""
+    if isinstance(key, G):
+        return f"g{key.gid}"
+    inner = ",".join(dict.fromkeys(f"g{i.gid}" if isinstance(i, G) else "fixed" for i in key.inners))
+    return f"g{key.outer.gid}x[{inner}]"
 
 
 def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor]) -> float:

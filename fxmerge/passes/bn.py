@@ -90,7 +90,12 @@ def run_batches(
         for args, kwargs in _inputs(data, input_fn):
             if num_batches is not None and done >= num_batches:
                 break
-            model(*_to(args, device), **_to(kwargs, device))
+            try:
+                model(*_to(args, device), **_to(kwargs, device))
+            except Exception as e:  # a batch that does not fit the model: say so, not deep inside torch
+                raise MergeError(
+                    f"{desc}: data batch {done} does not fit the model: {type(e).__name__}: {str(e)[:200]}"
+                ) from e
             done += 1
             bar.update(1)
     if done == 0:
