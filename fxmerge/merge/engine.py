@@ -46,13 +46,24 @@ def unit_vectors(
 
 
 def weight_similarity(vecs: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """``"corr"``: Pearson correlation of the units' weight vectors; ``"dot"``: their inner products.
+
+    Centring and normalising run in float64, the Gram matrix in float32 (matchings only compare entries;
+    float32 keeps them to ~1e-6, far inside the gaps that decide a matching) and is returned as float64.
+    """
     x = torch.cat(vecs, dim=0)
     if kind == "dot":
-        return x @ x.T
+        scale = x.abs().max().clamp_min(1e-30)
+        y = (x / scale).float()
+        return _symmetric(y @ y.T) * scale**2
     x = x - x.mean(dim=1, keepdim=True)
-    norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    x = x / norm
-    return x @ x.T
+    x = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+    return _symmetric(x @ x.T)
+
+
+def _symmetric(gram: torch.Tensor) -> torch.Tensor:
+    g = gram.double()
+    return (g + g.T) / 2
 
 
 def solve_spaces(

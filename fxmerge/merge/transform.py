@@ -20,10 +20,20 @@ Transforms = dict[Layout, Matching]
 
 
 def _along(x: torch.Tensor, axis: int, mat: torch.Tensor, unit: int) -> torch.Tensor:
-    """``mat @ x`` along ``axis``, where each unit spans ``unit`` consecutive entries."""
+    """``mat @ x`` along ``axis``, where each unit spans ``unit`` consecutive entries.
+
+    Merge and unmerge matrices have at most one non-zero per column (every unit belongs to one merged unit),
+    so the product is a weighted scatter-add: O(size of x) instead of a dense O(K * size of x) matmul.
+    """
     y = x.movedim(axis, 0)
     rest = y.shape[1:]
-    z = mat.to(y.dtype) @ y.reshape(mat.shape[1], -1)
+    flat = y.reshape(mat.shape[1], -1)
+    if bool(((mat != 0).sum(dim=0) <= 1).all()):
+        rows = mat.argmax(dim=0)  # merge weights and 0/1 selections are non-negative
+        w = mat.gather(0, rows[None]).squeeze(0).to(y.dtype)
+        z = flat.new_zeros(mat.shape[0], flat.shape[1]).index_add_(0, rows, flat * w[:, None])
+    else:
+        z = mat.to(y.dtype) @ flat
     return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
 
 
