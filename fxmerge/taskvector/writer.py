@@ -113,8 +113,8 @@ class ShardedWriter:
 
     def _close_file(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            # no fsync: the output is atomic against a failed merge (temp dir + rename), and the page cache
+            # writes it back; forcing it to disk made the merge wait on the device (mergekit does not either)
             self._fh.close()
             self._fh = None
 
