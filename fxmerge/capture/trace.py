@@ -49,6 +49,21 @@ class CapturedGraph:
             return dict(zip(self.user_inputs, flat, strict=True))
         return _bind_fx_inputs(self.gm, args, kwargs)
 
+    def placeholder_values(self, args: tuple, kwargs: dict) -> list[Any]:
+        """Values for every placeholder of ``gm`` in order: user inputs, lifted parameters/buffers, constants."""
+        inputs = self.flat_inputs(args, kwargs)
+        values = []
+        for n in self.gm.graph.nodes:
+            if n.op != "placeholder":
+                continue
+            if n.name in self.bindings:
+                values.append(self.state[self.bindings[n.name]])
+            elif n.name in self.constants:
+                values.append(self.constants[n.name])
+            else:
+                values.append(inputs[n.name])
+        return values
+
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     """Normalise example inputs: a tensor, a tuple/list (last item may be a kwargs dict), or a dict."""

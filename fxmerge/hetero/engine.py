@@ -45,12 +45,11 @@ from fxmerge.merge.features import probe_points
 from fxmerge.merge.spaces import Space, find_spaces
 from fxmerge.merge.transform import Transforms, apply_layout, transform_param
 from fxmerge.stats import CorrelationAccumulator
-from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.batches import feature_rows, iter_inputs
 
 __all__ = ["EngineOptions", "merge_states"]
 
 NEEDS_DATA = ("act_align", "zipit", "mudsc")
-MAX_ROWS = 8192
 
 
 @dataclass
@@ -141,16 +140,6 @@ def _embed(mt: Matching, sizes: list[int], present: list[int]) -> Matching:
     return Matching(merge, unmerge, mt.value)
 
 
-def _rows(t: torch.Tensor, axes: tuple, gen: torch.Generator) -> torch.Tensor:
-    units = 1
-    for a in axes:
-        units *= t.shape[a]
-    f = t.detach().movedim(tuple(axes), tuple(range(t.ndim - len(axes), t.ndim))).reshape(-1, units).double()
-    if f.shape[0] > MAX_ROWS:
-        f = f[torch.randperm(f.shape[0], generator=gen)[:MAX_ROWS].to(f.device)]
-    return f
-
-
 def correlations(
     specs: list[PermutationSpec], spaces: list[_Space], data: Any, opts: EngineOptions
 ) -> dict[int, torch.Tensor]:
@@ -174,7 +163,7 @@ def correlations(
             for i, pts in wanted.items():
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen))
                 for node, axes in pts:
-                    accs[i].update([_rows(values[m][node], axes, torch.Generator().manual_seed(seed))
+                    accs[i].update([feature_rows(values[m][node], axes, torch.Generator().manual_seed(seed))
                                     for m in spaces[i].present])  # fmt: skip
     return {i: acc.correlation() for i, acc in accs.items()}
 

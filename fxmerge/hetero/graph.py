@@ -34,21 +34,6 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _placeholder_values(cg: CapturedGraph, args: tuple, kwargs: dict) -> list[Any]:
-    inputs = cg.flat_inputs(args, kwargs)
-    values = []
-    for n in cg.gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        if n.name in cg.bindings:
-            values.append(cg.state[cg.bindings[n.name]])
-        elif n.name in cg.constants:
-            values.append(cg.constants[n.name])
-        else:
-            values.append(inputs[n.name])
-    return values
-
-
 def run_graph(cg: CapturedGraph, args: tuple, kwargs: dict, keep: Iterable[str] | None = None) -> dict[str, Any]:
     """Run the captured graph on ``(args, kwargs)`` under no_grad and return the kept node values.
 
@@ -58,7 +43,7 @@ def run_graph(cg: CapturedGraph, args: tuple, kwargs: dict, keep: Iterable[str] 
     rec = _Recorder(cg.gm, None if keep is None else set(keep))
     try:
         with torch.no_grad():
-            rec.run(*_placeholder_values(cg, args, kwargs))
+            rec.run(*cg.placeholder_values(args, kwargs))
     except Exception as e:
         raise MergeError(f"an input batch does not fit the model: {type(e).__name__}: {str(e)[:200]}") from e
     return rec.values

@@ -19,10 +19,9 @@ from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.spaces import Space
 from fxmerge.stats import CorrelationAccumulator
-from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.batches import feature_rows, iter_inputs
 
 MAX_PROBES = 4
-MAX_ROWS = 8192
 
 
 class _Recorder(fx.Interpreter):
@@ -52,31 +51,6 @@ def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Lay
             pts = [pts[round(i * step)] for i in range(MAX_PROBES)]
         out[key] = pts
     return out
-
-
-def _placeholder_values(cg: CapturedGraph, args: tuple, kwargs: dict) -> list[Any]:
-    inputs = cg.flat_inputs(args, kwargs)
-    values = []
-    for n in cg.gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        if n.name in cg.bindings:
-            values.append(cg.state[cg.bindings[n.name]])
-        elif n.name in cg.constants:
-            values.append(cg.constants[n.name])
-        else:
-            values.append(inputs[n.name])
-    return values
-
-
-def _rows(t: torch.Tensor, axes: tuple, gen: torch.Generator) -> torch.Tensor:
-    units = 1
-    for a in axes:
-        units *= t.shape[a]
-    f = t.detach().movedim(tuple(axes), tuple(range(t.ndim - len(axes), t.ndim))).reshape(-1, units).double()
-    if f.shape[0] > MAX_ROWS:
-        f = f[torch.randperm(f.shape[0], generator=gen)[:MAX_ROWS].to(f.device)]
-    return f
 
 
 def activation_correlations(
@@ -179,7 +153,7 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
     for cg in graphs:
         rec = _Recorder(cg.gm, keep)
         try:
-            rec.run(*_placeholder_values(cg, args, kwargs))
+            rec.run(*cg.placeholder_values(args, kwargs))
         except Exception as e:
             raise MergeError(f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}") from e
         recs.append(rec.values)
@@ -189,5 +163,5 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
             feats = []
             for values in recs:
                 g = torch.Generator().manual_seed(seed)
-                feats.append(_rows(values[node], axis, g))
+                feats.append(feature_rows(values[node], axis, g))
             accs[k].update(feats)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fxmerge.errors import MergeError
 
-__all__ = ["batch_inputs", "iter_inputs"]
+__all__ = ["MAX_ROWS", "batch_inputs", "feature_rows", "iter_inputs"]
 
 
 def batch_inputs(batch: Any) -> tuple[tuple, dict]:
@@ -54,3 +55,18 @@ def iter_inputs(data: Any) -> Iterator[tuple[tuple, dict]]:
         )
     for batch in data:
         yield batch_inputs(batch)
+
+
+MAX_ROWS = 8192  # samples per activation and batch fed to the statistics (random subset beyond)
+
+
+def feature_rows(t: torch.Tensor, axes: tuple, gen: torch.Generator, max_rows: int = MAX_ROWS) -> torch.Tensor:
+    """``t`` as a float64 [samples, units] matrix: ``axes`` (jointly) are the units, every other axis a sample
+    (batch, tokens, pixels); at most ``max_rows`` samples, drawn with ``gen``."""
+    units = 1
+    for a in axes:
+        units *= t.shape[a]
+    f = t.detach().movedim(tuple(axes), tuple(range(t.ndim - len(axes), t.ndim))).reshape(-1, units).double()
+    if f.shape[0] > max_rows:
+        f = f[torch.randperm(f.shape[0], generator=gen)[:max_rows].to(f.device)]
+    return f
