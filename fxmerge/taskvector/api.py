@@ -148,24 +148,26 @@ def run_merge(base: object, models: Sequence[object], *, method: str, weights: o
 
 
 def _merge_all(ctx: Context, plans: list[TensorPlan], writer: ShardedWriter | None, result: dict, tick: Callable) -> None:
-    """Merge every tensor in order. One worker thread prefetches the next tensor's inputs and writes
-    finished tensors (work buffers alternate by parity; the worker's FIFO order keeps them disjoint)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-io") as pool:
-        pending: Future | None = pool.submit(ctx.prefetch, plans[0], 0) if plans else None
-        writes: list[Future] = []
+    """Merge every tensor in order while one thread prefetches the next tensor's inputs and another writes
+    the finished one. Work buffers alternate by parity: tensor j's output lives in its parity buffers, so the
+    prefetch of tensor j + 2 (same parity) starts only after tensor j's write has finished."""
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-read") as reader,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-write") as wpool):  # fmt: skip
+        pending: Future | None = reader.submit(ctx.prefetch, plans[0], 0) if plans else None
+        last_write: Future | None = None
         for j, plan in enumerate(plans):
             ctx.ready, ctx.parity = pending.result(), j % 2
-            pending = pool.submit(ctx.prefetch, plans[j + 1], (j + 1) % 2) if j + 1 < len(plans) else None
+            if last_write is not None:
+                last_write.result()  # tensor j - 1 is on disk: its buffers (parity of j + 1) are free
+            pending = reader.submit(ctx.prefetch, plans[j + 1], (j + 1) % 2) if j + 1 < len(plans) else None
             t = merge_tensor(ctx, plan)
             if writer is not None:
-                writes.append(pool.submit(writer.write, plan.name, t))
-                if writes[0].done():
-                    writes.pop(0).result()
+                last_write = wpool.submit(writer.write, plan.name, t)
             else:
                 result[plan.name] = t.clone()
             tick()
-        for w in writes:
-            w.result()
+        if last_write is not None:
+            last_write.result()
 
 
 def _execute(base: TensorSource, models: list[TensorSource], opts: MergeOptions, plans: list[TensorPlan],
