@@ -45,6 +45,8 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("W. Zip", "wzip", {}),
     ("MuDSC align", "mudsc", {"matcher": "align"}),
     ("MuDSC zip", "mudsc", {"matcher": "zip"}),
+    ("act. align + REPAIR", "act_align", {"repair": True}),
+    ("MuDSC align + REPAIR", "mudsc", {"matcher": "align", "repair": True}),
 ]
 BASELINES = ("model A", "model B", "ensemble")
 ROWS = (*BASELINES, *(label for label, _, _ in METHODS))
