@@ -48,7 +48,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "bn" else nn.GroupNorm(4, channels)
 
 
-class _Block(nn.Module):
+class ResBlock(nn.Module):
+    """conv-norm-ReLU-conv-norm plus a shortcut (1x1 conv + norm when the shape changes), then ReLU."""
+
     def __init__(self, c_in: int, c_out: int, stride: int, norm: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
@@ -72,7 +74,7 @@ class EmbedResNet(nn.Module):
         self.embed_dim = embed_dim
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), _norm(norm, width), nn.ReLU())
         self.blocks = nn.Sequential(
-            _Block(width, width, 1, norm), _Block(width, 2 * width, 2, norm), _Block(2 * width, 2 * width, 1, norm)
+            ResBlock(width, width, 1, norm), ResBlock(width, 2 * width, 2, norm), ResBlock(2 * width, 2 * width, 1, norm)
         )
         self.out = nn.Linear(2 * width, embed_dim)
 

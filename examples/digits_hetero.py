@@ -46,24 +46,6 @@ METRICS = (("task_0", "task A"), ("task_1", "task B"), ("avg_task", "avg task"),
 EPOCHS, LR = 20, 3e-3
 
 
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv + BN when the shape changes), then ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class DigitsResNet(nn.Module):
     """Stem, ``depths[0]`` blocks at 8x8 (``width``), ``depths[1]`` at 4x4 (``2 * width``), pool, embedding."""
 
@@ -73,7 +55,7 @@ class DigitsResNet(nn.Module):
         blocks, c = [], width
         for stage, depth in enumerate(depths):
             for i in range(depth):
-                blocks.append(ResBlock(c, width * 2**stage, 2 if stage and not i else 1))
+                blocks.append(dc.ResBlock(c, width * 2**stage, 2 if stage and not i else 1, "bn"))
                 c = width * 2**stage
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Linear(c, embed_dim)

@@ -27,13 +27,13 @@ from fxmerge.errors import MergeError
 from fxmerge.hetero.align import align_depth, block_cka, check_alignable
 from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
 from fxmerge.hetero.depth import Segmentation
-from fxmerge.hetero.engine import NEEDS_DATA, EngineOptions, merge_states
+from fxmerge.hetero.engine import EngineOptions, merge_states
 from fxmerge.hetero.expand import Twin, expand
 from fxmerge.hetero.plot import plot_cka_alignment
 from fxmerge.hetero.width import WidthTarget, check_same_structure, group_sizes, resize_model, target_widths
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.merge.api import METHODS, MergeResult
+from fxmerge.merge.api import MergeResult, check_models_and_method
 
 __all__ = ["DEPTH_METHODS", "merge_hetero"]
 
@@ -45,15 +45,7 @@ _OPTIONS = {"alpha": 0.5, "matcher": "align", "seed": 0, "reset_bn": True, "prog
 
 
 def _validate(models: Any, method: str, data: Any, depth: str | None, where: str, options: dict) -> None:
-    if not isinstance(models, (list, tuple)) or len(models) < 2:
-        raise MergeError("merge_hetero needs a list of at least 2 models.")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise MergeError(f"models[{i}] is a {type(m).__name__}, not a torch.nn.Module.")
-    if method not in METHODS:
-        raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if method in NEEDS_DATA and data is None:
-        raise MergeError(f"method {method!r} needs data (an iterable of input batches) for activation statistics.")
+    check_models_and_method(models, method, data)
     if depth is not None and depth not in DEPTH_METHODS:
         raise MergeError(f"depth must be None or one of {DEPTH_METHODS}, got {depth!r}.")
     if depth in ("lma", "sma") and data is None:

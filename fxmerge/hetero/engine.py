@@ -33,6 +33,7 @@ from fxmerge.hetero.width import layout_signature
 from fxmerge.ir.layout import G, Layout, LFixed
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching, zip_match
+from fxmerge.merge.api import NEEDS_DATA
 from fxmerge.merge.engine import (
     MatchOptions,
     coordinate_descent,
@@ -49,7 +50,6 @@ from fxmerge.stats.batches import feature_rows, iter_inputs
 
 __all__ = ["EngineOptions", "merge_states"]
 
-NEEDS_DATA = ("act_align", "zipit", "mudsc")
 
 
 @dataclass

@@ -261,7 +261,8 @@ def _weight_sim(spec, space, states, tr) -> torch.Tensor:
     return _wsim(unit_vectors(spec, space, states, tr), "corr")
 
 
-def _validate(models, method, data, matcher, alpha, max_batches) -> None:
+def check_models_and_method(models: Any, method: str, data: Any) -> None:
+    """The checks every merge entry point shares: N >= 2 modules, a known method, data where it needs it."""
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise MergeError("merge needs a list of at least 2 models")
     for i, m in enumerate(models):
@@ -271,6 +272,10 @@ def _validate(models, method, data, matcher, alpha, max_batches) -> None:
         raise MergeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method in NEEDS_DATA and data is None:
         raise MergeError(f"method {method!r} needs data (any iterable of input batches) for activation statistics")
+
+
+def _validate(models, method, data, matcher, alpha, max_batches) -> None:
+    check_models_and_method(models, method, data)
     if matcher not in ("align", "zip"):
         raise MergeError(f"matcher must be 'align' or 'zip', got {matcher!r}")
     if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):

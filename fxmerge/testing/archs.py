@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from fxmerge.testing.zoo import RMSNorm, seeded
+from fxmerge.testing.hand_models import RMSNorm
+from fxmerge.testing.zoo import seeded
 
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "none": nn.Identity}
 
