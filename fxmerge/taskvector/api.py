@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fxmerge.errors import TaskVectorError
-from fxmerge.taskvector.engine import Context, merge_tensor
+from fxmerge.taskvector.engine import Context, merge_tensor, pieces
 from fxmerge.taskvector.methods import MergeOptions, build_options
 from fxmerge.taskvector.params import Param, per_model
 from fxmerge.taskvector.passes import compute_dp_shifts, compute_global_thresholds
@@ -148,26 +149,42 @@ def run_merge(base: object, models: Sequence[object], *, method: str, weights: o
 
 
 def _merge_all(ctx: Context, plans: list[TensorPlan], writer: ShardedWriter | None, result: dict, tick: Callable) -> None:
-    """Merge every tensor in order while one thread prefetches the next tensor's inputs and another writes
-    the finished one. Work buffers alternate by parity: tensor j's output lives in its parity buffers, so the
-    prefetch of tensor j + 2 (same parity) starts only after tensor j's write has finished."""
+    """Merge every unit (a tensor, or a cache-sized piece of an elementwise one) in order while one thread
+    reads the next unit's inputs and another writes the finished one.
+
+    Unit j's output lives in its base buffer, one of three rotating slots, so the write of unit j - 1 runs
+    while unit j is merged and unit j + 1 is read; the read of unit j + 1 reuses unit j - 2's slot and
+    starts once that unit is written.
+    """
+    units = [u for p in plans for u in pieces(ctx, p)]
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-read") as reader,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxmerge-write") as wpool):  # fmt: skip
-        pending: Future | None = reader.submit(ctx.prefetch, plans[0], 0) if plans else None
-        last_write: Future | None = None
-        for j, plan in enumerate(plans):
-            ctx.ready, ctx.parity = pending.result(), j % 2
-            if last_write is not None:
-                last_write.result()  # tensor j - 1 is on disk: its buffers (parity of j + 1) are free
-            pending = reader.submit(ctx.prefetch, plans[j + 1], (j + 1) % 2) if j + 1 < len(plans) else None
-            t = merge_tensor(ctx, plan)
+        pending: Future | None = reader.submit(ctx.prefetch, units[0], 0) if units else None
+        writes: deque[Future] = deque()
+        for j, unit in enumerate(units):
+            ctx.ready, ctx.step = pending.result(), j
+            while len(writes) > 1:
+                writes.popleft().result()
+            pending = reader.submit(ctx.prefetch, units[j + 1], j + 1) if j + 1 < len(units) else None
+            t = merge_tensor(ctx, unit)
             if writer is not None:
-                last_write = wpool.submit(writer.write, plan.name, t)
+                writes.append(wpool.submit(writer.write, unit.name, t, unit.span))
             else:
-                result[plan.name] = t.clone()
-            tick()
-        if last_write is not None:
-            last_write.result()
+                _collect(result, unit, t)
+            if unit.span is None or unit.span[1] == unit.out.numel:
+                tick()
+        while writes:
+            writes.popleft().result()
+
+
+def _collect(result: dict[str, torch.Tensor], unit: TensorPlan, t: torch.Tensor) -> None:
+    """Keep a copy of ``t`` (the work buffers are reused), assembling pieces into the whole tensor."""
+    if unit.span is None:
+        result[unit.name] = t.clone()
+        return
+    if unit.span[0] == 0:
+        result[unit.name] = torch.empty(unit.out.shape, dtype=t.dtype)
+    result[unit.name].view(-1)[unit.span[0]:unit.span[1]].copy_(t)
 
 
 def _execute(base: TensorSource, models: list[TensorSource], opts: MergeOptions, plans: list[TensorPlan],

@@ -14,7 +14,7 @@ from fxmerge.taskvector.combine import combine_linear, model_stock_delta, slerp
 from fxmerge.taskvector.dppa import band_densities, is_target
 from fxmerge.taskvector.globalk import GlobalThreshold
 from fxmerge.taskvector.methods import MergeOptions
-from fxmerge.taskvector.plan import Region, TensorPlan
+from fxmerge.taskvector.plan import Region, TensorPlan, split_plan
 from fxmerge.taskvector.sources import TensorSource
 from fxmerge.taskvector.sparsify import (
     apply_rescale,
@@ -65,7 +65,7 @@ class Context:
     base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     model_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)
     ready: Ready = field(default_factory=Ready)
-    parity: int = 0
+    step: int = 0  # position of the plan being merged; selects the work buffers
 
     def __post_init__(self) -> None:
         self.base_shapes = {k: v.shape for k, v in self.base.infos().items()}
@@ -73,27 +73,33 @@ class Context:
 
     def _direct(self, plan: TensorPlan, who: int) -> bool:
         """Whether input ``who`` (-1: base) is stored with exactly the plan's base-region shape."""
+        if plan.span is not None:
+            return plan.regions[who] is not None if who >= 0 else True
         if who < 0:
             return self.base_shapes[plan.name] == tuple(plan.base_region)
         region = plan.regions[who]
         return region == plan.base_region and self.model_shapes[who][plan.name] == tuple(region)
 
-    def _load_direct(self, plan: TensorPlan, who: int, parity: int) -> torch.Tensor:
+    def _load_direct(self, plan: TensorPlan, who: int, step: int) -> torch.Tensor:
+        """Read input ``who`` into its work buffer for ``step``. The base buffer, which becomes the merged
+        output and is written out while the next two plans are read and merged, rotates over three slots;
+        the delta buffers, consumed by the merge itself, over two."""
         src = self.base if who < 0 else self.models[who]
-        return src.load(plan.name, torch.float32, out=self.ws.get(f"in{who}.{parity}", plan.base_region))
+        slot = f"in{who}.{step % 3 if who < 0 else step % 2}"
+        return src.load(plan.name, torch.float32, out=self.ws.get(slot, plan.base_region), span=plan.span)
 
-    def prefetch(self, plan: TensorPlan, parity: int) -> Ready:
-        """Load ``plan``'s base and compute its deltas into the work buffers of ``parity``, checking
-        finiteness (runs in the I/O worker thread while the main thread merges the previous tensor)."""
+    def prefetch(self, plan: TensorPlan, step: int) -> Ready:
+        """Load ``plan``'s base and compute its deltas into the work buffers of ``step``, checking
+        finiteness (runs in the I/O worker thread while the main thread merges the previous plan)."""
         ready = Ready()
         if not plan.merge or not self._direct(plan, -1):
             return ready
-        ready.base = self._load_direct(plan, -1, parity)
+        ready.base = self._load_direct(plan, -1, step)
         check = self.check_inputs
         ready.bad = {-1} if check and not is_finite(ready.base) else set()
         for i, r in enumerate(plan.regions):
             if r is not None and self._direct(plan, i):
-                ready.deltas[i] = d = self._load_direct(plan, i, parity).sub_(ready.base)
+                ready.deltas[i] = d = self._load_direct(plan, i, step).sub_(ready.base)
                 if check and not is_finite(d):
                     ready.bad.add(i)
         return ready
@@ -107,12 +113,12 @@ class Context:
 
     def diagnose(self, plan: TensorPlan) -> TaskVectorError:
         """The error for a non-finite merged tensor: name the input that caused it, else overflow."""
-        base = _crop(self.base.load(plan.name, torch.float32), plan.base_region)
+        base = _crop(self.base.load(plan.name, torch.float32, span=plan.span), plan.base_region)
         if not is_finite(base):
             return TaskVectorError(f"{self.base.label}: tensor {plan.name!r} has NaN/Inf values; the base must be finite")
         for i, region in enumerate(plan.regions):
             if region is not None:
-                d = _crop(self.models[i].load(plan.name, torch.float32), region) - _crop(base, region)
+                d = _crop(self.models[i].load(plan.name, torch.float32, span=plan.span), region) - _crop(base, region)
                 if not is_finite(d):
                     return self._nonfinite_delta(plan, i)
         return TaskVectorError(f"tensor {plan.name!r}: the merged values overflowed to Inf/NaN; lower the weights or lambda")
@@ -122,7 +128,7 @@ class Context:
         base = self.ready.base
         if base is None:
             direct = self._direct(plan, -1)
-            base = self._load_direct(plan, -1, self.parity) if direct else self.base.load(plan.name, torch.float32)
+            base = self._load_direct(plan, -1, self.step) if direct else self.base.load(plan.name, torch.float32)
             base = _crop(base, plan.base_region)
             if not is_finite(base):
                 self.ready.bad.add(-1)
@@ -138,7 +144,7 @@ class Context:
                 raise self._nonfinite_delta(plan, i)
             return self.ready.deltas.pop(i)
         if self._direct(plan, i):
-            d = self._load_direct(plan, i, self.parity).sub_(base)
+            d = self._load_direct(plan, i, self.step).sub_(base)
         else:
             d = _crop(self.models[i].load(plan.name, torch.float32), region) - _crop(base, region)
         if not is_finite(d):
@@ -288,6 +294,25 @@ def _union_fill(ctx: Context, plan: TensorPlan, merged: torch.Tensor) -> torch.T
     return out
 
 
+def elementwise(ctx: Context, plan: TensorPlan) -> bool:
+    """Whether ``plan``'s merge acts on each element alone (a linear combination, with or without sign
+    election, of unsparsified deltas whose inputs all have the output's shape), so it can run piece by piece."""
+    spec = ctx.opts.spec
+    if not plan.merge or spec.combine != "linear" or not plan.uniform or plan.base_region != plan.out.shape:
+        return False
+    if not all(ctx._direct(plan, who) for who in range(-1, len(plan.regions)) if who < 0 or plan.regions[who]):
+        return False
+    if spec.sparsify is None:
+        return True
+    dense = all(d >= 1.0 for d in ctx.params[plan.name][1])
+    return dense and spec.sparsify != "dppa" and ctx.shifts is None and ctx.thresholds is None
+
+
+def pieces(ctx: Context, plan: TensorPlan) -> list[TensorPlan]:
+    """The units ``plan`` is merged in: cache-sized pieces when its merge is elementwise, else itself."""
+    return split_plan(plan, ctx.opts.piece_size) if elementwise(ctx, plan) else [plan]
+
+
 def merge_tensor(ctx: Context, plan: TensorPlan) -> torch.Tensor:
     """Produce one output tensor (in its output dtype)."""
     if not plan.merge:
@@ -296,7 +321,7 @@ def merge_tensor(ctx: Context, plan: TensorPlan) -> torch.Tensor:
     base = ctx.load_base(plan)
     mixed = _combined_delta(ctx, plan, base)
     out = base if mixed is None else base.add_(mixed, alpha=ctx.opts.lam)
-    if tuple(out.shape) != tuple(plan.out.shape):
+    if plan.span is None and tuple(out.shape) != tuple(plan.out.shape):
         out = _union_fill(ctx, plan, out)
     if not is_finite(out):
         raise ctx.diagnose(plan)

@@ -11,7 +11,9 @@ Every method is the same engine with different defaults::
 set method knobs (``gamma``, ``epsilon``, ``t``, DPPA's ``bands``/``band_factors``/``shift``/...) and
 engine knobs (``out_dtype``, ``shape_policy``, ``shard_size``, ``overwrite``, ``progress``, ``exclude``,
 ``threads``: torch intra-op threads while merging, default 1 because the streamed element-wise work is
-memory-bound and OpenMP barriers stall badly on small or busy machines; restored afterwards).
+memory-bound and OpenMP barriers stall badly on small or busy machines; restored afterwards;
+``piece_size``: elements per piece when an elementwise merge (no sparsification, linear combine) streams a
+large tensor in pieces, default 2**20 so the pieces of every input stay in the CPU cache).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class MergeOptions:
     exclude: str | None = None
     progress: bool | Callable[[int, int], None] = False
     threads: int = 1
+    piece_size: int = 1 << 20
 
 
 def parse_size(value: object, field_name: str = "shard_size") -> int:
@@ -210,11 +213,12 @@ def build_options(method: str, scope: str, lam: float, seed: int, method_params:
         exclude=exclude,
         progress=progress,
         threads=int(_num(params, "threads", 1, 1, 1024)),
+        piece_size=int(_num(params, "piece_size", 1 << 20, 1, 1 << 40)),
     )
     if params:
         known = ["consensus", "normalize", "rescale", "gamma", "epsilon", "t", "filter_wise", "bands", "band_factors",
                  "shift", "outlier_mult", "block_outlier_mult", "min_density", "target", "out_dtype", "shape_policy",
-                 "shard_size", "overwrite", "exclude", "progress", "threads"]
+                 "shard_size", "overwrite", "exclude", "progress", "threads", "piece_size"]
         raise TaskVectorError(f"unknown option(s) {sorted(params)} for method {method!r}; known options: {known}")
     _check_scope(opts)
     return opts

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fxmerge.errors import TaskVectorError
 from fxmerge.taskvector.methods import MergeOptions
@@ -34,11 +34,27 @@ class TensorPlan:
     merge: bool
     base_region: Region
     regions: tuple[Region | None, ...]
+    span: tuple[int, int] | None = None  # a piece: this [start, stop) range of the flattened tensor only
 
     @property
     def uniform(self) -> bool:
         """All present models cover exactly the base region (no padding/cropping logic needed)."""
         return all(r is None or r == self.base_region for r in self.regions)
+
+
+def split_plan(plan: TensorPlan, limit: int) -> list[TensorPlan]:
+    """``plan`` cut into pieces of at most ``limit`` elements of the flattened tensor (for elementwise
+    merges of tensors whose inputs all have the output's shape); the plan itself when it is small."""
+    n = plan.out.numel
+    if n <= limit:
+        return [plan]
+    pieces = []
+    for start in range(0, n, limit):
+        stop = min(n, start + limit)
+        region = (stop - start,)
+        regions = tuple(region if r is not None else None for r in plan.regions)
+        pieces.append(replace(plan, base_region=region, regions=regions, span=(start, stop)))
+    return pieces
 
 
 def _min_shape(shapes: list[tuple[int, ...]]) -> Region:

@@ -8,6 +8,7 @@ which is renamed into place only when the whole merge succeeded; on any failure 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,20 @@ def _header_bytes(infos: Mapping[str, TensorInfo], names: tuple[str, ...]) -> by
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for a new file up front.
+
+    On ext4/xfs, appending to a fresh file allocates blocks page by page (delayed allocation), which
+    measured 4-10x slower than writing into a preallocated extent (1 GB: 0.7-2.8 s vs 0.2 s). The file's
+    final size is known from the plan, so nothing extra is reserved. File systems without fallocate
+    support simply skip this.
+    """
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    with contextlib.suppress(OSError):
+        os.posix_fallocate(fd, 0, size)
+
+
 class ShardedWriter:
     """Write tensors in plan order into a temporary directory, then :meth:`commit` it atomically."""
 
@@ -95,24 +110,48 @@ class ShardedWriter:
         self.tmp.mkdir()
         self._shard: Shard | None = None
         self._fh = None
+        self._size = 0
+        self._current: str | None = None
+        self._filled = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor`` as ``name``; names must arrive in the planned order with the planned shape/dtype."""
-        shard, expected = next(self._order)
-        info = self.infos[expected]
-        if name != expected or tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
-            raise TaskVectorError(f"internal write-order error: got {name!r}, expected {expected!r} {info}")
-        if shard is not self._shard:
-            self._close_file()
-            self._shard = shard
-            self._fh = open(self.tmp / shard.filename, "wb")  # noqa: SIM115 - closed in _close_file
-            self._fh.write(_header_bytes(self.infos, shard.names))
+    def write(self, name: str, tensor: torch.Tensor, span: tuple[int, int] | None = None) -> None:
+        """Append ``tensor`` as ``name``; names must arrive in the planned order with the planned shape/dtype.
+
+        A tensor may also arrive in consecutive pieces: 1-d ``tensor`` holding elements ``span=(start, stop)``
+        of the flattened tensor, starting at 0 and ending at its element count.
+        """
+        if span is None or span[0] == 0:
+            shard, expected = next(self._order, (None, None))
+            if shard is not self._shard and shard is not None:
+                self._open_shard(shard)
+            self._current, self._filled = expected, 0
+        info = self.infos.get(self._current) if self._current is not None else None
+        shape = info.shape if span is None or info is None else (span[1] - span[0],)
+        if info is None or name != self._current or tuple(tensor.shape) != shape or tensor.dtype != info.dtype:
+            raise TaskVectorError(f"internal write-order error: got {name!r}, expected {self._current!r} {info}")
+        start, stop = span if span is not None else (0, info.numel)
+        if start != self._filled or stop > info.numel:
+            raise TaskVectorError(f"internal write-order error: {name!r} piece {start}:{stop} after {self._filled} elements")
         if tensor.numel():
             flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             self._fh.write(memoryview(flat.numpy()))
+        self._filled = stop
+
+    def _open_shard(self, shard: Shard) -> None:
+        """Start ``shard``'s file: reserve its exact final size, then write the header."""
+        self._close_file()
+        header = _header_bytes(self.infos, shard.names)
+        self._size = len(header) + sum(self.infos[n].numel * self.infos[n].dtype.itemsize for n in shard.names)
+        self._shard = shard
+        self._fh = open(self.tmp / shard.filename, "wb")  # noqa: SIM115 - closed in _close_file
+        _preallocate(self._fh.fileno(), self._size)
+        self._fh.write(header)
 
     def _close_file(self) -> None:
         if self._fh is not None:
+            if self._fh.tell() != self._size:
+                raise TaskVectorError(f"internal error: shard {self._shard.filename} has {self._fh.tell()} bytes, "
+                                      f"planned {self._size}")
             # no fsync: the output is atomic against a failed merge (temp dir + rename), and the page cache
             # writes it back; forcing it to disk made the merge wait on the device (mergekit does not either)
             self._fh.close()

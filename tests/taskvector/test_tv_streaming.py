@@ -179,3 +179,38 @@ def test_nan_found_for_unsparsified_methods(tmp_path: Path, method: str) -> None
     with pytest.raises(TaskVectorError, match="overflowed"):
         merge_task_vectors(base, big, method="task_arithmetic", weights=[10.0, 10.0])
     assert list(tmp_path.iterdir()) == []
+
+
+PIECE_CASES = [("task_arithmetic", {"weights": [0.5, -0.25, 2.0], "lam": 0.7}),
+               ("task_arithmetic", {"normalize": True, "out_dtype": "float16"}),
+               ("ties", {"density": 1.0}), ("dare_linear", {"density": 1.0, "seed": 4}),
+               ("ties", {"density": 0.5})]  # sparsified: never pieced, must be unaffected
+
+
+@pytest.mark.parametrize(("method", "kw"), PIECE_CASES)
+def test_elementwise_merges_in_pieces_equal_whole_tensors(tmp_path: Path, method: str, kw: dict) -> None:
+    """piece_size=7 cuts most tensors mid-row into pieces (streamed and in memory, bf16 inputs, one
+    mismatched-shape tensor merged whole by the 'common' policy); the output equals whole-tensor merging."""
+    base, models = make_models(seed=29)
+    models[1]["emb.weight"] = torch.cat([models[1]["emb.weight"], torch.ones(2, 4)])  # a vocabulary mismatch
+    base = {k: v.bfloat16() if v.is_floating_point() else v for k, v in base.items()}
+    models = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in m.items()} for m in models]
+    with pytest.warns(TaskVectorWarning):
+        whole = merge_task_vectors(base, models, method=method, **kw)
+    with pytest.warns(TaskVectorWarning):
+        mem = merge_task_vectors(base, models, method=method, piece_size=7, **kw)
+    b = _hf_dir(tmp_path / "base", base)
+    ms = [_hf_dir(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    with pytest.warns(TaskVectorWarning):
+        out = merge_task_vectors(b, ms, method=method, piece_size=7, out=tmp_path / "out", shard_size=100, **kw)
+    assert sorted(out) == sorted(whole)
+    for k in whole:
+        assert mem[k].shape == whole[k].shape and mem[k].dtype == whole[k].dtype, k
+        torch.testing.assert_close(mem[k], whole[k], atol=0, rtol=0)
+        torch.testing.assert_close(out[k], whole[k], atol=0, rtol=0)
+
+
+def test_piece_size_is_validated() -> None:
+    base, models = make_models(seed=30)
+    with pytest.raises(TaskVectorError, match="piece_size"):
+        merge_task_vectors(base, models, method="task_arithmetic", piece_size=0)
