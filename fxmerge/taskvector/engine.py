@@ -32,6 +32,7 @@ from fxmerge.taskvector.workspace import (
     bernoulli_drop_,
     is_finite,
     ties_combine_,
+    ties_trim_combine_,
     topk_trim_,
 )
 
@@ -255,6 +256,10 @@ def _combined_delta(ctx: Context, plan: TensorPlan, base: torch.Tensor) -> torch
             total = sum(ws[i] for i in present)
             acc.div_(total if abs(total) >= 1e-8 else 1.0)
         return acc
+    if _fused_ties(ctx, plan):
+        deltas = [ctx.delta(plan, i, base) for i in present]
+        ks = [keep_count(ds[i], d.numel()) for i, d in zip(present, deltas, strict=True)]
+        return ties_trim_combine_(deltas, ks, [ws[i] for i in present], spec.consensus, spec.normalize, ctx.ws)
     deltas, weights, cover = [], [], []
     for i in present:
         d = sparsify_delta(ctx, plan, i, ctx.delta(plan, i, base), ds[i])
@@ -271,6 +276,14 @@ def _combined_delta(ctx: Context, plan: TensorPlan, base: torch.Tensor) -> torch
     if spec.consensus is not None and all(c is None for c in cover):
         return ties_combine_(deltas, weights, spec.consensus, spec.normalize, ctx.ws)
     return combine_linear(deltas, weights, spec.consensus, spec.normalize, cover)
+
+
+def _fused_ties(ctx: Context, plan: TensorPlan) -> bool:
+    """Whether the merge is per-tensor top-k trimming then sign election over same-shape deltas (TIES),
+    which :func:`ties_trim_combine_` runs fused and cache-resident."""
+    opts, spec = ctx.opts, ctx.opts.spec
+    return (spec.sparsify == "magnitude" and spec.consensus is not None and spec.rescale == "none"
+            and opts.scope == "tensor" and ctx.thresholds is None and not ctx.target(plan) and plan.uniform)
 
 
 def _slerp_delta(ctx: Context, plan: TensorPlan, base: torch.Tensor, i: int) -> torch.Tensor:

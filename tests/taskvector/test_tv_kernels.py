@@ -15,7 +15,9 @@ from fxmerge.taskvector.workspace import (
     band_scale_,
     bernoulli_drop_,
     kth_largest,
+    kth_largest_abs,
     ties_combine_,
+    ties_trim_combine_,
     topk_trim_,
 )
 
@@ -78,6 +80,37 @@ def test_ties_combine_matches_reference(consensus: str, normalize: bool) -> None
     ref = combine_linear([d.clone() for d in deltas], weights, consensus, normalize)
     fast = ties_combine_([d.clone() for d in deltas], weights, consensus, normalize, Workspace())
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("quantise", [False, True])
+@pytest.mark.parametrize(("consensus", "normalize"), [("sum", True), ("count", False)])
+def test_fused_ties_equals_trim_then_combine(quantise: bool, consensus: str, normalize: bool) -> None:
+    """Chunked threshold pass + chunked trim/elect/mean == whole-tensor topk_trim_ then ties_combine_,
+    bit for bit: 210k elements (sampled bracket path), chunks not dividing the tensor, heavy ties when
+    quantised, one model at density 1 and one with negative weight."""
+    g = torch.Generator().manual_seed(8 + quantise)
+    deltas = [torch.randn(300, 700, generator=g) for _ in range(3)]
+    if quantise:
+        deltas = [torch.round(d * 20) / 20 for d in deltas]
+    ks = [keep_count(0.2, 210_000), 210_000, keep_count(0.03, 210_000)]
+    weights = [0.5, 1.0, -0.3]
+    trimmed = [topk_trim_(d.clone(), k, Workspace()) for d, k in zip(deltas, ks, strict=True)]
+    ref = ties_combine_(trimmed, weights, consensus, normalize, Workspace())
+    fused = ties_trim_combine_([d.clone() for d in deltas], ks, weights, consensus, normalize, Workspace(),
+                               chunk=10_007)
+    assert torch.equal(fused, ref)
+
+
+def test_kth_largest_abs_matches_sorting_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.round(torch.randn(200_000, generator=g) * 50) / 50
+    a = x.abs()
+    for sample in (1 << 16, 4):  # 4 points cannot bracket: the exact fallback runs
+        monkeypatch.setattr(workspace, "_SAMPLE", sample)
+        for k in (1, 17, 123_456, 200_000):
+            thr, greater, equal = kth_largest_abs(x, k, Workspace(), chunk=3_001)
+            assert thr == float(torch.sort(a, descending=True).values[k - 1])
+            assert greater == int((a > thr).sum()) and equal == int((a == thr).sum())
 
 
 def test_bernoulli_drop_equals_mask_path() -> None:
