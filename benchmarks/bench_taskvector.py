@@ -2,7 +2,8 @@
 
 Generates a base plus N fine-tunes (sharded fp32 safetensors + index + config.json), then runs, each
 in its own subprocess: a plain streamed safetensors pass (read every tensor of every model, write one
-output), ``fxmerge`` and ``mergekit-yaml`` for task_arithmetic and ties (density 0.2, per tensor). It
+output), and the two command-line tools, ``fxmerge merge-tv`` and ``mergekit-yaml``, for task_arithmetic
+and ties (density 0.2, per tensor). It
 asserts the outputs agree, and prints wall and CPU time, throughput ratio (mergekit time / fxmerge time), peak
 RSS (VmHWM) and peak anonymous RSS (RssAnon), sampled from /proc/PID/status, of every run.
 
@@ -168,11 +169,11 @@ def plain_pass(paths: list[str], out: str) -> None:
     save_file({k: v.reshape(1) for k, v in result.items()}, out)
 
 
-def run_fxmerge(config: str, out: str) -> None:
-    """Subprocess body: the CLI's code path."""
-    from fxmerge.taskvector.config import load_tv_config, merge_from_config
-
-    merge_from_config(load_tv_config(config), out, overwrite=True)
+def fxmerge_command(config: Path, out: Path) -> list[str]:
+    """The ``fxmerge merge-tv`` command line (the installed console script, else ``python -m fxmerge.cli``)."""
+    script = Path(sys.executable).with_name("fxmerge")
+    head = [str(script)] if script.is_file() else [sys.executable, "-m", "fxmerge.cli"]
+    return [*head, "merge-tv", str(config), str(out), "--overwrite", "--quiet"]
 
 
 def _tensor(path: Path, name: str) -> torch.Tensor:
@@ -222,13 +223,10 @@ def main() -> None:
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--mergekit-env", nargs="*", default=[], metavar="VAR=VALUE",
                     help="extra environment for mergekit, e.g. OMP_NUM_THREADS=1")
-    ap.add_argument("--_fx", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_plain", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--_gen", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
-    if args._fx:
-        return run_fxmerge(*args._fx)
     if args._gen:
         make_models(Path(args._gen[0]), json.loads(args._gen[1]), int(args._gen[2]))
         return None
@@ -253,7 +251,7 @@ def main() -> None:
         cfg = root / f"{method}.yaml"
         cfg.write_text(yaml_config(method, paths, args.density))
         fx_out, mk_out = root / f"fx_{method}", root / f"mk_{method}"
-        fx = best_of(args.repeat, [*me, "--_fx", str(cfg), str(fx_out)])
+        fx = best_of(args.repeat, fxmerge_command(cfg, fx_out))
         line = (f"{method:16s} fxmerge {fx['wall']:6.1f}s (cpu {fx['cpu']:5.1f}s) peak RSS {fx['maxrss'] / 1e9:.2f} GB "
                 f"anon {fx['anon'] / 1e9:.2f} GB")
         if have_mk:

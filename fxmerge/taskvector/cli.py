@@ -57,7 +57,9 @@ def merge_tv(config: str, out_dir: str, quiet: bool, as_json: bool, overwrite: b
             warnings.simplefilter("always")
             _, report = merge_from_config(cfg, out_dir, progress=bar or False, overwrite=overwrite)
     except FxmergeError as exc:
-        raise click.ClickException(str(exc)) from exc
+        from fxmerge.cli import Output  # the root CLI's error surface: stderr line, JSON document, exit 2/1
+
+        Output(quiet, as_json).fail(exc)
     finally:
         if bar is not None:
             bar.close()

@@ -147,5 +147,9 @@ def test_cli_reports_bad_config(tmp_path: Path) -> None:
     res = CliRunner().invoke(merge_tv, [str(cfg), str(tmp_path / "out")])
     assert res.exit_code == 1 and "does not exist" in res.output
     res = CliRunner().invoke(merge_tv, [str(tmp_path / "missing.yaml"), str(tmp_path / "out")])
-    assert res.exit_code == 1 and "cannot read config" in res.output
+    assert res.exit_code == 2 and "error: cannot read config" in res.stderr  # a config problem: exit 2, like merge
+    res = CliRunner().invoke(merge_tv, [str(cfg), str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 1 and "does not exist" in res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and "does not exist" in doc["error"] and doc["error_type"] == "TaskVectorError"
     assert not (tmp_path / "out").exists()
