@@ -6,7 +6,6 @@ References: the axis counts are counted by hand from the model (``fc1 6->8``, ``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli.snippets import check_doc
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "custom_rule.py"
@@ -87,43 +88,8 @@ def test_permuted_gain_matches_direct_computation(output: str):
 # ------------------------------------------------------------------------------------ doc snippets
 
 DOCS = ("axis_algebra.md", "rules.md")
-BLOCK = re.compile(r"```(python|text)\n(.*?)```", re.S)
-RUNNER = """
-import contextlib, io, json, sys
-out = []
-for code in json.load(sys.stdin):
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        exec(compile(code, "<doc snippet>", "exec"), {"__name__": "__main__"})
-    out.append(buf.getvalue())
-print(json.dumps(out))
-"""
-
-
-def snippets(doc: str) -> list[tuple[str, str | None]]:
-    """``(code, documented output or None)`` for every python block, in order."""
-    blocks = BLOCK.findall((ROOT / "docs" / doc).read_text())
-    pairs = []
-    for i, (kind, body) in enumerate(blocks):
-        if kind == "python":
-            nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-            pairs.append((body, nxt[1] if nxt and nxt[0] == "text" else None))
-    return pairs
-
-
-def run_snippets(codes: list[str]) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(codes), capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_doc_snippets_print_what_the_doc_shows(doc: str):
-    pairs = snippets(doc)
-    assert len(pairs) >= 3, f"{doc}: expected runnable snippets"
-    outputs = run_snippets([code for code, _ in pairs])
-    for (code, documented), printed in zip(pairs, outputs, strict=True):
-        if documented is not None:
-            assert printed == documented, f"{doc}: snippet starting {code.splitlines()[0]!r} printed:\n{printed}"
+    check_doc(doc, ROOT)
