@@ -72,7 +72,7 @@ class Context:
         self.base_shapes = {k: v.shape for k, v in self.base.infos().items()}
         self.model_shapes = [{k: v.shape for k, v in m.infos().items()} for m in self.models]
 
-    def _direct(self, plan: TensorPlan, who: int) -> bool:
+    def is_direct(self, plan: TensorPlan, who: int) -> bool:
         """Whether input ``who`` (-1: base) is stored with exactly the plan's base-region shape."""
         if plan.span is not None:
             return plan.regions[who] is not None if who >= 0 else True
@@ -93,13 +93,13 @@ class Context:
         """Load ``plan``'s base and compute its deltas into the work buffers of ``step``, checking
         finiteness (runs in the I/O worker thread while the main thread merges the previous plan)."""
         ready = Ready()
-        if not plan.merge or not self._direct(plan, -1):
+        if not plan.merge or not self.is_direct(plan, -1):
             return ready
         ready.base = self._load_direct(plan, -1, step)
         check = self.check_inputs
         ready.bad = {-1} if check and not is_finite(ready.base) else set()
         for i, r in enumerate(plan.regions):
-            if r is not None and self._direct(plan, i):
+            if r is not None and self.is_direct(plan, i):
                 ready.deltas[i] = d = self._load_direct(plan, i, step).sub_(ready.base)
                 if check and not is_finite(d):
                     ready.bad.add(i)
@@ -128,7 +128,7 @@ class Context:
         """The base tensor in float32, cropped to the plan's base region (in a work buffer when possible)."""
         base = self.ready.base
         if base is None:
-            direct = self._direct(plan, -1)
+            direct = self.is_direct(plan, -1)
             base = self._load_direct(plan, -1, self.step) if direct else self.base.load(plan.name, torch.float32)
             base = _crop(base, plan.base_region)
             if not is_finite(base):
@@ -144,7 +144,7 @@ class Context:
             if i in self.ready.bad:
                 raise self._nonfinite_delta(plan, i)
             return self.ready.deltas.pop(i)
-        if self._direct(plan, i):
+        if self.is_direct(plan, i):
             d = self._load_direct(plan, i, self.step).sub_(base)
         else:
             d = _crop(self.models[i].load(plan.name, torch.float32), region) - _crop(base, region)
@@ -313,7 +313,7 @@ def elementwise(ctx: Context, plan: TensorPlan) -> bool:
     spec = ctx.opts.spec
     if not plan.merge or spec.combine != "linear" or not plan.uniform or plan.base_region != plan.out.shape:
         return False
-    if not all(ctx._direct(plan, who) for who in range(-1, len(plan.regions)) if who < 0 or plan.regions[who]):
+    if not all(ctx.is_direct(plan, who) for who in range(-1, len(plan.regions)) if who < 0 or plan.regions[who]):
         return False
     if spec.sparsify is None:
         return True

@@ -69,57 +69,15 @@ def _exact_kth(values: np.ndarray, k: int) -> float:
     return float(np.partition(values, n - k)[n - k])
 
 
-def kth_largest(absval: torch.Tensor, k: int, ws: Workspace) -> tuple[float, int, int]:
-    """Exact k-th largest value of a flat non-negative float32 tensor (1 <= k <= n).
-
-    Returns ``(threshold, count_greater, count_equal)``. A strided sample brackets the answer; the
-    bracket is verified by counting, and only the few candidates inside it are selected exactly
-    (introselect). Falls back to a full selection when the bracket misses.
-    """
-    n = absval.numel()
-    arr = absval.numpy()
-    if n <= _SMALL:
-        thr = _exact_kth(arr, k)
-        return thr, int((arr > thr).sum()), int((arr == thr).sum())
-    sample = arr[:: n // _SAMPLE].copy()
-    s = sample.size
-    pos = (n - k) / n * (s - 1)
-    margin = 6.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 8
-    i_lo, i_hi = max(0, int(pos - margin)), min(s - 1, int(pos + margin) + 1)
-    sample.partition([i_lo, i_hi])
-    lo, hi = float(sample[i_lo]), float(sample[i_hi])
-    above = ws.get("kth_flag", (n,), torch.bool)
-    inside = ws.get("kth_inside", (n,), torch.bool)
-    c_hi = _count(torch.gt(absval, hi, out=above))
-    if c_hi < k:
-        torch.logical_xor(torch.ge(absval, lo, out=inside), above, out=inside)
-        cand = arr[inside.numpy()]  # lo <= |x| <= hi
-        if c_hi + cand.size >= k:
-            thr = _exact_kth(cand, k - c_hi)
-            return thr, c_hi + int((cand > thr).sum()), int((cand == thr).sum())
-    thr = _exact_kth(arr, k)  # the sample's bracket missed: full selection
-    return thr, _count(torch.gt(absval, thr, out=above)), _count(torch.eq(absval, thr, out=above))
-
-
 def topk_trim_(delta: torch.Tensor, k: int, ws: Workspace) -> torch.Tensor:
     """Zero all but the k largest |delta| in place (ties at the threshold: lower flat index first)."""
     flat = delta.view(-1)
     n = flat.numel()
     if k >= n:
         return delta
-    absval = ws.get("abs", (n,))
-    torch.abs(flat, out=absval)
-    thr, greater, equal = kth_largest(absval, k, ws)
-    # keep |x| >= thr: hardshrink keeps |x| > lambda, so use the float32 just below thr
-    below = float(np.nextafter(np.float32(thr), np.float32(-np.inf)))
-    if below > 0:
-        torch.hardshrink(delta, below, out=delta)
-    else:
-        delta.masked_fill_(torch.lt(absval, thr, out=ws.get("kth_flag", (n,), torch.bool)).view(delta.shape), 0.0)
-    surplus = greater + equal - k
-    if surplus > 0:  # ties at the threshold: keep the first (k - greater) of them by flat index
-        ties = torch.nonzero(torch.eq(absval, thr, out=ws.get("kth_flag", (n,), torch.bool))).view(-1)
-        flat[ties[equal - surplus :]] = 0.0
+    thr, greater, equal = kth_largest_abs(flat, k, ws)
+    _trim_ties_at_threshold(flat, thr, greater, equal, k, ws, CHUNK)
+    _keep_at_least(flat, thr, ws.get("kth_flag", (n,), torch.bool))
     return delta
 
 
@@ -139,7 +97,7 @@ def band_scale_(delta: torch.Tensor, ks: list[int], factors: tuple[float, ...], 
         if k >= n:
             factor.fill_(alpha)
             continue
-        thr, greater, equal = kth_largest(absval, max(k, 1), ws)
+        thr, greater, equal = kth_largest_abs(absval, max(k, 1), ws)
         surplus = greater + equal - k
         ties = torch.nonzero(torch.eq(absval, thr, out=flag)).view(-1)[equal - surplus :] if surplus > 0 else None
         saved = factor[ties] if ties is not None else None
@@ -204,26 +162,31 @@ def _bracket(flat: np.ndarray, k: int) -> tuple[float, float]:
 
 
 def kth_largest_abs(flat: torch.Tensor, k: int, ws: Workspace, chunk: int = CHUNK) -> tuple[float, int, int]:
-    """:func:`kth_largest` of ``|flat|`` without materialising ``|flat|``: one chunked, cache-resident pass
-    counts the values above the sampled bracket and gathers the few inside it."""
+    """Exact k-th largest of ``|flat|`` (flat float32, 1 <= k <= n) without materialising ``|flat|``.
+
+    Returns ``(threshold, count_greater, count_equal)``. A strided sample brackets the answer; one chunked,
+    cache-resident pass counts the values above the bracket and gathers the few inside it, which are then
+    selected exactly (introselect). Small tensors, and the rare missed bracket, use a full selection.
+    """
     n = flat.numel()
-    if n <= _SMALL:
-        return kth_largest(torch.abs(flat, out=ws.get("abs", (n,))), k, ws)
-    lo, hi = _bracket(flat.numpy(), k)
-    above, cands = 0, []
-    a, f1, f2 = ws.get("c_abs", (chunk,)), ws.get("c_f1", (chunk,), torch.bool), ws.get("c_f2", (chunk,), torch.bool)
-    for start in range(0, n, chunk):
-        x = flat[start : start + chunk]
-        m = x.numel()
-        av, gt, inside = torch.abs(x, out=a[:m]), f1[:m], f2[:m]
-        above += _count(torch.gt(av, hi, out=gt))
-        torch.logical_xor(torch.ge(av, lo, out=inside), gt, out=inside)
-        cands.append(av.numpy()[inside.numpy()])
-    cand = np.concatenate(cands)
-    if above < k <= above + cand.size:
-        thr = _exact_kth(cand, k - above)
-        return thr, above + int((cand > thr).sum()), int((cand == thr).sum())
-    return kth_largest(torch.abs(flat, out=ws.get("abs", (n,))), k, ws)  # the bracket missed
+    if n > _SMALL:
+        lo, hi = _bracket(flat.numpy(), k)
+        above, cands = 0, []
+        a, f1, f2 = ws.get("c_abs", (chunk,)), ws.get("c_f1", (chunk,), torch.bool), ws.get("c_f2", (chunk,), torch.bool)
+        for start in range(0, n, chunk):
+            x = flat[start : start + chunk]
+            m = x.numel()
+            av, gt, inside = torch.abs(x, out=a[:m]), f1[:m], f2[:m]
+            above += _count(torch.gt(av, hi, out=gt))
+            torch.logical_xor(torch.ge(av, lo, out=inside), gt, out=inside)
+            cands.append(av.numpy()[inside.numpy()])
+        cand = np.concatenate(cands)
+        if above < k <= above + cand.size:
+            thr = _exact_kth(cand, k - above)
+            return thr, above + int((cand > thr).sum()), int((cand == thr).sum())
+    values = torch.abs(flat, out=ws.get("abs", (n,))).numpy()
+    thr = _exact_kth(values, k)
+    return thr, int((values > thr).sum()), int((values == thr).sum())
 
 
 def _trim_ties_at_threshold(flat: torch.Tensor, thr: float, greater: int, equal: int, k: int, ws: Workspace,
