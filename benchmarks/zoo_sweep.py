@@ -1,0 +1,1234 @@
+"""Compatibility sweep: every torchvision family, every timm module and ~30 Hugging Face architectures.
+
+Each model runs in its own process with a time limit, through these stages (float64 unless said otherwise):
+
+1. ``infer_groups(strict=True)`` and ``infer_groups(strict=False)``: exception, number of groups, frontend;
+2. ``verify_invariance(model, spec, x, batch=16)`` on the non-strict spec. Weights are random but NOT
+   degenerate: norm gammas / running variances are drawn from U[0.5, 1.5], betas / running means from
+   U[-0.5, 0.5], and every other constant tensor (zero-init gammas, layer scales, zero-init output
+   projections, zero biases) is re-drawn, so a wrong group moves the outputs;
+3. the permutable fraction of parameter elements and the number of frozen axes without a reason (must be 0);
+4. self-merge recovery (models up to 15M parameters): ``B = spec.apply(A, spec.random_perms(...))`` over every
+   group the merge engine carries (``identity_groups`` are kept at the identity by design, see
+   docs/design.md), then ``merge([A, B], method=...)`` with ``reset_bn=False`` for ``act_align`` and
+   ``rebasin``; the relative output error ``max|merged(x) - A(x)| / max(1, max|A(x)|)`` over the data batches
+   passes at <= 1e-6;
+5. ``export_onnx`` of the merged model (float32, models under 30M parameters), checked in onnxruntime.
+
+Results are cached in ``benchmarks/.zoo_sweep_cache.json`` (one record per model, written as each model
+finishes), and ``docs/compatibility.md`` is regenerated from the cache after every run::
+
+    python benchmarks/zoo_sweep.py --family all --timeout 180           # the whole sweep (hours on 1 core)
+    python benchmarks/zoo_sweep.py --slice representative               # ~15 models, one per family/pattern
+    python benchmarks/zoo_sweep.py --rerun-failed                       # only models that are not green
+    python benchmarks/zoo_sweep.py --only llama --family hf             # a substring of the model key
+    python benchmarks/zoo_sweep.py --report-only                        # regenerate the doc from the cache
+    python benchmarks/zoo_sweep.py --list                               # print the model keys and exit
+
+``run_model(key)`` runs the stages in-process and returns the record (used by tests/core/test_zoo_sweep.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / ".zoo_sweep_cache.json"
+OUT = ROOT / "docs" / "compatibility.md"
+MERGE_MAX_PARAMS = 15_000_000  # self-merge recovery only up to this size
+ONNX_MAX_PARAMS = 30_000_000  # ONNX export only below this size
+RECOVERY_TOL = 1e-6
+REBASIN_PATIENCE = 2  # coordinate-descent sweeps without improvement (library default 5; same optimum here)
+IMG = 64  # default image side
+SEQ = 8  # default sequence length
+FAMILIES = ("torchvision", "timm", "hf")
+CNN_OR_VIT = {"cnn", "vit"}
+
+
+# ------------------------------------------------------------------------------------------------ catalog
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One swept model. ``key`` is ``family/name``; ``kind`` is cnn | vit | text | seq2seq | multimodal."""
+
+    key: str
+    family: str
+    kind: str
+    pattern: str  # what the model exercises (for the representative slice and the table)
+
+
+# torchvision: one (smallest) model per classification family: (family, factory, image side, kwargs, kind)
+TORCHVISION: list[tuple[str, str, int, dict[str, Any], str]] = [
+    ("resnet", "resnet18", IMG, {}, "cnn"),
+    ("resnext", "resnext50_32x4d", IMG, {}, "cnn"),
+    ("wide_resnet", "wide_resnet50_2", IMG, {}, "cnn"),
+    ("vgg", "vgg11", IMG, {}, "cnn"),
+    ("alexnet", "alexnet", IMG, {}, "cnn"),
+    ("squeezenet", "squeezenet1_1", IMG, {}, "cnn"),
+    ("densenet", "densenet121", IMG, {}, "cnn"),
+    ("googlenet", "googlenet", IMG, {"aux_logits": False, "init_weights": True}, "cnn"),
+    ("inception_v3", "inception_v3", 80, {"aux_logits": False, "init_weights": True}, "cnn"),
+    ("mobilenet_v2", "mobilenet_v2", IMG, {}, "cnn"),
+    ("mobilenet_v3", "mobilenet_v3_small", IMG, {}, "cnn"),
+    ("mnasnet", "mnasnet0_5", IMG, {}, "cnn"),
+    ("shufflenet_v2", "shufflenet_v2_x0_5", IMG, {}, "cnn"),
+    ("efficientnet", "efficientnet_b0", IMG, {}, "cnn"),
+    ("efficientnet_v2", "efficientnet_v2_s", IMG, {}, "cnn"),
+    ("regnet", "regnet_y_400mf", IMG, {}, "cnn"),
+    ("convnext", "convnext_tiny", IMG, {}, "cnn"),
+    ("vit", "vit_b_16", IMG, {"image_size": IMG}, "vit"),
+    ("swin", "swin_t", IMG, {}, "vit"),
+    ("swin_v2", "swin_v2_t", IMG, {}, "vit"),
+    ("maxvit", "maxvit_t", 224, {}, "vit"),
+]
+TV_INDEX = {factory: (fam, size, kwargs, kind) for fam, factory, size, kwargs, kind in TORCHVISION}
+
+_TEXT = {"vocab_size": 128, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": False}
+_ENC = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    **_TEXT,
+}
+_DEC = {**_ENC, "num_key_value_heads": 2}
+_VIS = {
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+}
+# Hugging Face: name -> (model_type, head, inputs, config kwargs, pattern). head: "base" = AutoModel,
+# "lm" = AutoModelForCausalLM (swept with attn_implementation sdpa AND eager); inputs: tokens | seq2seq |
+# pixels | clip | whisper.
+HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
+    "bert": ("bert", "base", "tokens", _ENC, "post-LN encoder"),
+    "roberta": (
+        "roberta",
+        "base",
+        "tokens",
+        {**_ENC, "pad_token_id": 1},
+        "post-LN encoder, offset positions",
+    ),
+    "distilbert": (
+        "distilbert",
+        "base",
+        "tokens",
+        {
+            "dim": 64,
+            "n_layers": 2,
+            "n_heads": 4,
+            "hidden_dim": 128,
+            "max_position_embeddings": 64,
+            "vocab_size": 128,
+            "pad_token_id": 0,
+        },
+        "post-LN encoder",
+    ),
+    "albert": (
+        "albert",
+        "base",
+        "tokens",
+        {**_ENC, "embedding_size": 32},
+        "shared layers, embedding projection",
+    ),
+    "electra": ("electra", "base", "tokens", {**_ENC, "embedding_size": 32}, "embedding projection"),
+    "deberta_v2": (
+        "deberta-v2",
+        "base",
+        "tokens",
+        {
+            **_ENC,
+            "relative_attention": True,
+            "position_buckets": 16,
+            "max_relative_positions": 32,
+            "pos_att_type": ["p2c", "c2p"],
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+        },
+        "disentangled relative attention",
+    ),
+    "gpt2": (
+        "gpt2",
+        "lm",
+        "tokens",
+        {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, **_TEXT},
+        "Conv1D fused qkv, tied lm_head",
+    ),
+    "gpt_neox": (
+        "gpt_neox",
+        "lm",
+        "tokens",
+        {**_ENC, "rotary_pct": 0.25},
+        "fused interleaved qkv, partial rotary",
+    ),
+    "llama": ("llama", "lm", "tokens", _DEC, "GQA, RoPE, RMSNorm, SwiGLU"),
+    "mistral": ("mistral", "lm", "tokens", {**_DEC, "sliding_window": None}, "GQA"),
+    "qwen2": ("qwen2", "lm", "tokens", _DEC, "GQA, qkv bias"),
+    "qwen3": ("qwen3", "lm", "tokens", {**_DEC, "head_dim": 16}, "GQA, qk-norm"),
+    "gemma": (
+        "gemma",
+        "lm",
+        "tokens",
+        {**_DEC, "head_dim": 16, "num_key_value_heads": 1},
+        "MQA, (1 + w) RMSNorm, scaled embedding",
+    ),
+    "phi": ("phi", "lm", "tokens", {**_ENC, "partial_rotary_factor": 0.5}, "parallel block, partial rotary"),
+    "phi3": ("phi3", "lm", "tokens", _DEC, "fused qkv_proj, fused gate_up_proj"),
+    "mixtral": (
+        "mixtral",
+        "lm",
+        "tokens",
+        {**_DEC, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "sparse MoE (top-2 of 4)",
+    ),
+    "qwen2_moe": (
+        "qwen2_moe",
+        "lm",
+        "tokens",
+        {
+            **_DEC,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+        },
+        "MoE + gated shared expert",
+    ),
+    "olmo": ("olmo", "lm", "tokens", _DEC, "non-parametric LayerNorm"),
+    "falcon": (
+        "falcon",
+        "lm",
+        "tokens",
+        {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, **_TEXT},
+        "multi-query fused qkv, parallel attention",
+    ),
+    "opt": (
+        "opt",
+        "lm",
+        "tokens",
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "ffn_dim": 128,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 64,
+            **_TEXT,
+        },
+        "learned offset positions",
+    ),
+    "stablelm": ("stablelm", "lm", "tokens", {**_DEC, "partial_rotary_factor": 0.25}, "partial rotary, GQA"),
+    "persimmon": (
+        "persimmon",
+        "lm",
+        "tokens",
+        {**_ENC, "partial_rotary_factor": 0.5, "qk_layernorm": True},
+        "partial rotary, qk LayerNorm, fused qkv",
+    ),
+    "t5": (
+        "t5",
+        "base",
+        "seq2seq",
+        {
+            "d_model": 64,
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "decoder_start_token_id": 0,
+            **_TEXT,
+        },
+        "encoder-decoder, relative bias, RMS norm",
+    ),
+    "bart": (
+        "bart",
+        "base",
+        "seq2seq",
+        {
+            "d_model": 64,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128,
+            "max_position_embeddings": 64,
+            "decoder_start_token_id": 0,
+            **_TEXT,
+        },
+        "encoder-decoder, cross attention",
+    ),
+    "vit": ("vit", "base", "pixels", _VIS, "ViT encoder, cls token, pooler"),
+    "deit": ("deit", "base", "pixels", _VIS, "cls + distillation tokens"),
+    "swin": (
+        "swin",
+        "base",
+        "pixels",
+        {
+            "image_size": 32,
+            "patch_size": 2,
+            "embed_dim": 16,
+            "depths": [1, 1],
+            "num_heads": [2, 4],
+            "window_size": 4,
+        },
+        "shifted windows, patch merging",
+    ),
+    "convnext": (
+        "convnext",
+        "base",
+        "pixels",
+        {"image_size": 32, "num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1]},
+        "depthwise conv, layer scale",
+    ),
+    "clip": (
+        "clip",
+        "base",
+        "clip",
+        {
+            "text_config": {**_ENC, "projection_dim": 32},
+            "vision_config": {**_VIS, "projection_dim": 32},
+            "projection_dim": 32,
+        },
+        "two towers, projections, logit scale",
+    ),
+    "whisper": (
+        "whisper",
+        "base",
+        "whisper",
+        {
+            "d_model": 64,
+            "encoder_layers": 2,
+            "decoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128,
+            "num_mel_bins": 16,
+            "max_source_positions": 8,
+            "max_target_positions": 16,
+            "decoder_start_token_id": 0,
+            **_TEXT,
+        },
+        "conv front-end, encoder-decoder",
+    ),
+}
+
+# the representative slice: one model per family and per pattern (residual, concat, grouped/depthwise, SE,
+# shuffle, windows, fused qkv, GQA, MoE, partial rotary, encoder-decoder, two towers)
+REPRESENTATIVE = [
+    "torchvision/resnet18",
+    "torchvision/densenet121",
+    "torchvision/mobilenet_v3_small",
+    "torchvision/shufflenet_v2_x0_5",
+    "torchvision/convnext_tiny",
+    "torchvision/swin_t",
+    "timm/vision_transformer",
+    "timm/efficientnet",
+    "timm/regnet",
+    "timm/byobnet",
+    "hf/bert",
+    "hf/llama[sdpa]",
+    "hf/llama[eager]",
+    "hf/gpt_neox[sdpa]",
+    "hf/mixtral[sdpa]",
+    "hf/t5",
+    "hf/clip",
+]
+
+
+def hf_keys() -> list[tuple[str, str]]:
+    out = []
+    for name, (_, head, inputs, _, _) in HF.items():
+        kind = {"pixels": "vit", "tokens": "text"}.get(
+            inputs, "seq2seq" if inputs != "clip" else "multimodal"
+        )
+        if name == "convnext":
+            kind = "cnn"
+        if head == "lm":
+            out += [(f"hf/{name}[sdpa]", kind), (f"hf/{name}[eager]", kind)]
+        else:
+            out.append((f"hf/{name}", kind))
+    return out
+
+
+# ---- timm: pick the smallest model of every module (parameter count on the meta device, 10 classes)
+
+_SIZE_WORDS = [
+    "atto",
+    "femto",
+    "pico",
+    "zepto",
+    "nano",
+    "xxxs",
+    "xxs",
+    "tiny",
+    "xs",
+    "mini",
+    "small",
+    "s",
+    "t",
+    "b0",
+    "m",
+    "base",
+    "b",
+]
+_BIG = re.compile(r"(large|huge|giant|gigantic|xlarge|_xl|448|512|384|_l_|_h_|_g_|_e_|enormous)")
+
+
+def _name_rank(name: str) -> tuple:
+    tokens = re.split(r"[_.\-]", name)
+    word = min(
+        (i for i, w in enumerate(_SIZE_WORDS) for t in tokens if t == w or t.startswith(w + "0")),
+        default=len(_SIZE_WORDS),
+    )
+    nums = [int(n) for n in re.findall(r"\d+", name)]
+    return (bool(_BIG.search(name)), word, nums[:1] or [999], len(name))
+
+
+def timm_catalog(
+    progress: bool = True, per_module: int = 8, modules: list[str] | None = None
+) -> dict[str, Any]:
+    """``{module: {"model": name | None, "params": n, "candidates": k, "error": str}}`` for every timm module
+    (or the listed ones): the smallest of the ``per_module`` candidates ranked first by their names."""
+    import timm
+    import torch
+
+    out: dict[str, dict[str, Any]] = {}
+    for module in modules or timm.list_modules():
+        names = sorted(timm.list_models(module=module), key=_name_rank)[:per_module]
+        best: tuple[int, str] | None = None
+        errors = []
+        for name in names:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name, pretrained=False, num_classes=10)
+                n = sum(p.numel() for p in model.parameters())
+                if best is None or n < best[0]:
+                    best = (n, name)
+            except Exception as e:
+                errors.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+        out[module] = {
+            "model": best[1] if best else None,
+            "params": best[0] if best else 0,
+            "candidates": len(names),
+            "error": "; ".join(errors[:3]) if best is None else "",
+        }
+        if progress:
+            print(f"  timm {module}: {out[module]['model']} ({out[module]['params'] / 1e6:.2f}M)", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- model builders
+
+
+def _reinit(model: Any, seed: int) -> None:
+    """Non-degenerate random weights: norm affines and running stats from the documented ranges, every other
+    constant tensor (zero-init layers, layer scales, zero biases) re-drawn."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype))
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower() or hasattr(module, "running_mean")
+            for name, t in list(module.named_parameters(recurse=False)) + list(
+                module.named_buffers(recurse=False)
+            ):
+                if t is None or not t.is_floating_point() or id(t) in done or t.numel() == 0:
+                    continue
+                done.add(id(t))
+                if is_norm and name in ("weight", "gamma", "scale", "running_var"):
+                    uniform(t, 0.5, 1.5)
+                elif is_norm and name in ("bias", "beta", "running_mean"):
+                    uniform(t, -0.5, 0.5)
+                elif t.numel() >= 2 and bool(t.min() == t.max()):  # constant: zero-init, ones, layer scale
+                    if t.ndim >= 2:
+                        fan_in = t[0].numel()
+                        t.copy_(
+                            torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
+                            / math.sqrt(fan_in)
+                        )
+                    elif "bias" in name or float(t.flatten()[0]) == 0.0:
+                        uniform(t, -0.2, 0.2)
+                    else:
+                        uniform(t, 0.5, 1.5)
+
+
+def _images(g: Any, size: int, batch: int = 2) -> Any:
+    import torch
+
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
+def build(
+    key: str, catalog: dict[str, Any] | None = None, seed: int = 0
+) -> tuple[Any, tuple, Callable[[Any], Any], dict]:
+    """``(model, example_inputs, make_batch, info)``: eval-mode float32 model with non-degenerate weights, its
+    example inputs (tuple convention of ``fxmerge.testing.zoo``), ``make_batch(generator)`` drawing one data
+    batch (tensor or dict of keyword inputs), and ``{"model": name, "input": description}``."""
+    import torch
+
+    family, _, name = key.partition("/")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if family == "torchvision":
+        import torchvision.models as tvm
+
+        _, size, kwargs, _ = TV_INDEX[name]
+        model = getattr(tvm, name)(weights=None, num_classes=10, **kwargs)
+        x = _images(g, size)
+        make = lambda gen: _images(gen, size, 4)  # noqa: E731
+        info = {"model": name, "input": f"2x3x{size}x{size}"}
+    elif family == "timm":
+        model, x, size, tname = _build_timm(name, catalog or {})
+        make = lambda gen: _images(gen, size, 4)  # noqa: E731
+        info = {"model": tname, "input": f"2x3x{size}x{size}"}
+    elif family == "hf":
+        model, x, make, info = _build_hf(name, g)
+    else:
+        raise ValueError(f"unknown family in {key!r}")
+    model.eval()
+    _reinit(model, seed + 1)
+    return model, (x,), make, info
+
+
+def _build_timm(module: str, catalog: dict[str, Any]) -> tuple[Any, Any, int, str]:
+    import timm
+    import torch
+
+    entry = catalog.get(module) or timm_catalog(progress=False, modules=[module]).get(module) or {}
+    name = entry.get("model")
+    if not name:
+        raise RuntimeError(f"no model of timm module {module!r} could be built: {entry.get('error', '?')}")
+    default = timm.get_pretrained_cfg(name)
+    default_size = int(default.input_size[-1]) if default is not None and default.input_size else 224
+    attempts = [({"img_size": IMG}, IMG), ({}, IMG), ({"img_size": 96}, 96), ({}, 96), ({}, default_size)]
+    errors = []
+    for kwargs, size in attempts:
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+            x = _images(torch.Generator().manual_seed(0), size)
+            with torch.no_grad():
+                model(x)
+            return model, x, size, name
+        except Exception as e:
+            errors.append(f"{kwargs or ''}@{size}: {type(e).__name__}: {_first_line(e)}")
+    raise RuntimeError(f"timm {name}: no input size works: " + " | ".join(errors[-2:]))
+
+
+def _build_hf(name: str, g: Any) -> tuple[Any, Any, Callable[[Any], Any], dict]:
+    import torch
+    import transformers as tf
+
+    base, _, attn = name.partition("[")
+    attn = attn.rstrip("]")
+    model_type, head, inputs, config, _ = HF[base]
+    cfg = tf.AutoConfig.for_model(model_type, **config)
+    auto = tf.AutoModelForCausalLM if head == "lm" else tf.AutoModel
+    kwargs = {"attn_implementation": attn} if attn else {}
+    model = auto.from_config(cfg, **kwargs)
+    vocab = config.get("vocab_size", 128)
+
+    def tokens(gen: Any, batch: int, length: int = SEQ) -> Any:
+        return torch.randint(1, vocab, (batch, length), generator=gen)
+
+    def batch_of(gen: Any, batch: int) -> dict[str, Any]:
+        if inputs == "tokens":
+            return {"input_ids": tokens(gen, batch)}
+        if inputs == "seq2seq":
+            return {"input_ids": tokens(gen, batch), "decoder_input_ids": tokens(gen, batch, 6)}
+        if inputs == "pixels":
+            return {"pixel_values": _images(gen, config["image_size"], batch)}
+        if inputs == "clip":
+            return {"input_ids": tokens(gen, batch), "pixel_values": _images(gen, _VIS["image_size"], batch)}
+        if inputs == "whisper":
+            feats = torch.randn(
+                batch, config["num_mel_bins"], 2 * config["max_source_positions"], generator=gen
+            )
+            return {"input_features": feats, "decoder_input_ids": tokens(gen, batch, 6)}
+        raise ValueError(inputs)
+
+    x = batch_of(g, 2)
+    desc = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in x.items())
+    return model, x, lambda gen: batch_of(gen, 4), {"model": type(model).__name__, "input": desc}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _outputs(model: Any, batch: Any) -> list[Any]:
+    import torch
+
+    from fxmerge.testing import zoo
+
+    with torch.no_grad():
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+    return [t for t in zoo.output_tensors(out) if t.is_floating_point()]
+
+
+def rel_error(model: Any, reference: Any, data: list[Any]) -> float:
+    """``max |model - reference| / max(1, max |reference|)`` over every output tensor of every batch."""
+    diff, scale = 0.0, 1.0
+    for batch in data:
+        for a, b in zip(_outputs(model, batch), _outputs(reference, batch), strict=True):
+            diff = max(diff, float((a - b).abs().max()))
+            scale = max(scale, float(b.abs().max()))
+    return diff / scale
+
+
+def run_model(
+    key: str,
+    catalog: dict[str, Any] | None = None,
+    record: dict[str, Any] | None = None,
+    save: Callable[[dict], None] | None = None,
+    stages: tuple[str, ...] = ("merge", "onnx"),
+) -> dict:
+    """Run every stage on ``key`` and return its record; ``save(record)`` is called after each stage."""
+    import torch
+
+    import fxmerge
+    from fxmerge.testing import zoo
+
+    rec = record if record is not None else {}
+    rec.update({"key": key, "family": key.split("/")[0], "stage": "build", "errors": {}})
+    save = save or (lambda r: None)
+
+    def stage(name: str) -> None:
+        rec["stage"] = name
+        rec.setdefault("timings", {})
+        save(rec)
+
+    t0 = time.perf_counter()
+    try:
+        model, x, make_batch, info = build(key, catalog)
+    except Exception as e:
+        rec["errors"]["build"] = _err(e)
+        rec["trace"] = traceback.format_exc()[-3000:]
+        rec["stage"] = "done"
+        return rec
+    rec.update(info)
+    rec["params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    model = model.double()
+    x = zoo.cast_inputs(x, torch.float64)
+    rec["timings"] = {"build": time.perf_counter() - t0}
+
+    # 1. group inference, strict and not
+    spec = None
+    for strict in (True, False):
+        label = "strict" if strict else "nonstrict"
+        stage(f"infer_{label}")
+        t = time.perf_counter()
+        try:
+            s = fxmerge.infer_groups(model, x, strict=strict)
+            rec[f"{label}_ok"] = True
+            rec[f"{label}_groups"] = len(s)
+            rec["frontend"] = s.coverage.frontend
+            if not strict:
+                spec = s
+        except Exception as e:
+            rec[f"{label}_ok"] = False
+            rec["errors"][f"infer_{label}"] = _err(e)
+            if not strict:
+                rec["trace"] = traceback.format_exc()[-3000:]
+        rec["timings"][f"infer_{label}"] = time.perf_counter() - t
+    if spec is None:
+        rec["stage"] = "done"
+        return rec
+
+    # 3. coverage
+    cov = spec.coverage
+    rec["permutable"] = cov.n_permutable_elements / cov.n_elements if cov.n_elements else 0.0
+    rec["n_frozen"] = len(cov.frozen)
+    rec["frozen_no_reason"] = sum(1 for f in cov.frozen if not str(f.reason).strip())
+    rec["unsupported"] = sorted({u.target for u in cov.unsupported})
+
+    # 2. soundness
+    stage("verify")
+    t = time.perf_counter()
+    try:
+        fxmerge.verify_invariance(model, spec, x, batch=16)
+        rec["sound"] = True
+    except Exception as e:
+        rec["sound"] = False
+        rec["errors"]["verify"] = _err(e)
+        rec["verify_group"] = getattr(e, "group", None)
+        if rec["verify_group"] is not None:
+            grp = spec.group(rec["verify_group"])
+            rec["verify_members"] = [f"{m.param}[{m.axis}]" for m in list(grp.members)[:4]]
+    rec["timings"]["verify"] = time.perf_counter() - t
+
+    # 4. self-merge recovery
+    merged = None
+    if "merge" in stages and len(spec) == 0:
+        rec["act_align"] = rec["rebasin"] = "skipped: no groups"
+    elif "merge" in stages and rec["params"] > MERGE_MAX_PARAMS:
+        rec["act_align"] = rec["rebasin"] = "skipped: size"
+    elif "merge" in stages:
+        stage("merge")
+        try:
+            from fxmerge.merge.spaces import find_spaces
+
+            stuck = find_spaces(spec)[1]
+        except Exception:
+            stuck = set()
+        carried = [gr.id for gr in spec.groups if gr.id not in stuck]
+        rec["identity_groups"] = len(stuck)
+        gen = torch.Generator().manual_seed(1)
+        data = [zoo.cast_inputs((make_batch(gen),), torch.float64)[0] for _ in range(3)]
+        try:
+            b = spec.apply(model, spec.random_perms(torch.Generator().manual_seed(2), carried))
+            rec["moved"] = rel_error(
+                fxmerge.merge(
+                    [model, b], method="average", example_inputs=x, spec=spec, reset_bn=False, progress=False
+                ).model,
+                model,
+                data,
+            )
+        except Exception as e:
+            b = None
+            rec["errors"]["permute"] = _err(e)
+        for method in ("act_align", "rebasin"):
+            if b is None:
+                rec[method] = "n/a"
+                continue
+            stage(f"merge_{method}")
+            t = time.perf_counter()
+            try:
+                result = fxmerge.merge(
+                    [model, b],
+                    method=method,
+                    patience=REBASIN_PATIENCE,
+                    data=data,
+                    example_inputs=x,
+                    spec=spec,
+                    reset_bn=False,
+                    progress=False,
+                )
+                rec[method] = rel_error(result.model, model, data)
+                merged = result.model if merged is None else merged  # act_align's when it finished
+            except Exception as e:
+                rec[method] = "error"
+                rec["errors"][f"merge_{method}"] = _err(e)
+                rec.setdefault("merge_trace", traceback.format_exc()[-3000:])
+            rec["timings"][f"merge_{method}"] = time.perf_counter() - t
+
+    # 5. ONNX
+    if "onnx" in stages and rec["params"] >= ONNX_MAX_PARAMS:
+        rec["onnx"] = "skipped: size"
+    elif "onnx" in stages:
+        stage("onnx")
+        t = time.perf_counter()
+        target = (merged if merged is not None else model).float()
+        rec["onnx_of"] = "merged" if merged is not None else "original"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                fxmerge.export_onnx(target, zoo.cast_inputs(x, torch.float32), os.path.join(tmp, "m.onnx"))
+                rec["onnx"] = "ok"
+            except Exception as e:
+                rec["onnx"] = "error"
+                rec["errors"]["onnx"] = _err(e)
+        rec["timings"]["onnx"] = time.perf_counter() - t
+    rec["stage"] = "done"
+    save(rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------- status
+
+
+def red_stages(rec: dict[str, Any]) -> list[str]:
+    """Stages that failed a target (strict mode and rebasin are reported, not targets)."""
+    if rec.get("timeout"):
+        return [f"timeout({rec.get('stage', '?')})"] + [s for s in _red(rec) if s != "build"]
+    return _red(rec)
+
+
+def _red(rec: dict[str, Any]) -> list[str]:
+    if "build" in rec.get("errors", {}):
+        return ["build"]
+    out = []
+    if rec.get("crash"):
+        out.append("crash")
+    if rec.get("nonstrict_ok") is False:
+        out.append("infer")
+    if rec.get("sound") is False:
+        out.append("unsound")
+    if rec.get("frozen_no_reason"):
+        out.append("reason")
+    aa = rec.get("act_align")
+    if (isinstance(aa, float) and aa > RECOVERY_TOL) or aa in ("error", "n/a"):
+        out.append("act_align")
+    if rec.get("onnx") == "error":
+        out.append("onnx")
+    return out
+
+
+def status(rec: dict[str, Any]) -> str:
+    red = red_stages(rec)
+    return "red: " + ", ".join(red) if red else "green"
+
+
+# ------------------------------------------------------------------------------------------------- runner
+
+
+def load_cache(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"results": {}, "timm_catalog": None}
+
+
+def save_cache(path: Path, cache: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def all_entries(catalog: dict[str, Any]) -> list[Entry]:
+    out = [
+        Entry(f"torchvision/{factory}", "torchvision", kind, fam) for fam, factory, _, _, kind in TORCHVISION
+    ]
+    for key, kind in hf_keys():
+        base = key.split("/")[1].partition("[")[0]
+        out.append(Entry(key, "hf", kind, HF[base][4]))
+    for module, info in sorted(catalog.items()):
+        out.append(
+            Entry(f"timm/{module}", "timm", "vit" if _is_vit(module) else "cnn", info.get("model") or "-")
+        )
+    return out
+
+
+_VIT_WORDS = (
+    "vit",
+    "deit",
+    "beit",
+    "cait",
+    "swin",
+    "xcit",
+    "eva",
+    "former",
+    "coat",
+    "convit",
+    "crossvit",
+    "davit",
+    "hiera",
+    "levit",
+    "maxxvit",
+    "mvit",
+    "nest",
+    "pit",
+    "pvt",
+    "tnt",
+    "twins",
+    "volo",
+    "gcvit",
+    "focalnet",
+    "mixer",
+    "sequencer",
+    "tiny_vit",
+    "visformer",
+    "vitamin",
+    "iformer",
+)
+
+
+def _is_vit(module: str) -> bool:
+    return any(w in module for w in _VIT_WORDS)
+
+
+def worker_main(key: str, result_path: str, catalog_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    catalog = json.loads(Path(catalog_path).read_text()) if catalog_path else {}
+
+    def save(rec: dict) -> None:
+        tmp = result_path + ".tmp"
+        Path(tmp).write_text(json.dumps(rec, default=str))
+        os.replace(tmp, result_path)
+
+    rec: dict[str, Any] = {}
+    try:
+        run_model(key, catalog, rec, save)
+    except BaseException as e:
+        rec["crash"] = _err(e)
+        rec["trace"] = traceback.format_exc()[-3000:]
+    save(rec)
+
+
+def run_one(key: str, timeout: float, catalog_path: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        cmd = [
+            "nice",
+            "-n",
+            "10",
+            sys.executable,
+            __file__,
+            "--_worker",
+            key,
+            "--_result",
+            result,
+            "--_catalog",
+            catalog_path,
+        ]
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        timed_out = False
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, 9)
+            out, _ = proc.communicate()
+        rec = json.loads(Path(result).read_text()) if os.path.exists(result) else {"key": key, "errors": {}}
+        rec["wall"] = time.perf_counter() - t
+        if timed_out:
+            rec["timeout"] = timeout
+        elif proc.returncode != 0 and rec.get("stage") != "done":
+            rec["crash"] = f"exit status {proc.returncode}: " + (out or "").strip()[-300:]
+        return rec
+
+
+def select(entries: list[Entry], args: argparse.Namespace, cache: dict[str, Any]) -> list[Entry]:
+    if args.family != "all":
+        entries = [e for e in entries if e.family == args.family]
+    if args.slice == "representative":
+        entries = [e for e in entries if e.key in REPRESENTATIVE]
+    if args.only:
+        entries = [e for e in entries if any(s in e.key for s in args.only.split(","))]
+    if args.rerun_failed:
+        done = cache["results"]
+        entries = [e for e in entries if e.key not in done or status(done[e.key]) != "green"]
+    elif args.resume:
+        entries = [e for e in entries if e.key not in cache["results"]]
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--only", help="comma-separated substrings of the model key (e.g. 'resnet,hf/llama')")
+    p.add_argument("--family", choices=[*FAMILIES, "all"], default="all")
+    p.add_argument("--slice", choices=["all", "representative"], default="all")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds per model (default 180)")
+    p.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--cache", type=Path, default=CACHE)
+    p.add_argument("--rerun-failed", action="store_true", help="only models that are missing or not green")
+    p.add_argument("--resume", action="store_true", help="only models not in the cache yet")
+    p.add_argument("--report-only", action="store_true", help="regenerate --out from the cache and exit")
+    p.add_argument("--list", action="store_true", help="print the selected model keys and exit")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_result", help=argparse.SUPPRESS)
+    p.add_argument("--_catalog", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        worker_main(args._worker, args._result, args._catalog)
+        return 0
+
+    cache = load_cache(args.cache)
+    command = "python benchmarks/zoo_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.report_only:
+        write_report(cache, args.out, cache.get("command", command))
+        print(f"wrote {args.out}")
+        return 0
+    if not cache.get("timm_catalog") and args.family in ("timm", "all"):
+        print("choosing the smallest model of every timm module (meta device) ...", flush=True)
+        cache["timm_catalog"] = timm_catalog()
+        save_cache(args.cache, cache)
+    catalog = cache.get("timm_catalog") or {}
+    entries = select(all_entries(catalog), args, cache)
+    if args.list:
+        print("\n".join(e.key for e in entries))
+        return 0
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(catalog, f)
+        catalog_path = f.name
+    kinds = {e.key: e for e in entries}
+    print(f"{len(entries)} models, timeout {args.timeout:.0f} s, {args.jobs} job(s)", flush=True)
+
+    def one(entry: Entry) -> None:
+        rec = run_one(entry.key, args.timeout, catalog_path)
+        rec["kind"], rec["pattern"] = kinds[entry.key].kind, kinds[entry.key].pattern
+        cache["results"][entry.key] = rec
+        save_cache(args.cache, cache)
+        errs = "; ".join(f"{k}: {v}" for k, v in rec.get("errors", {}).items())[:200]
+        print(f"[{rec.get('wall', 0):6.1f}s] {entry.key:45s} {status(rec)}  {errs}", flush=True)
+
+    try:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            list(pool.map(one, entries))
+    finally:
+        os.unlink(catalog_path)
+        if not args.only and args.slice == "all" and args.family == "all" and not args.rerun_failed:
+            cache["command"] = command
+        cache.setdefault("command", command)
+        save_cache(args.cache, cache)
+        write_report(cache, args.out, cache["command"])
+        print(f"wrote {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _fmt_err(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.1e}"
+    return "-" if v is None else str(v)
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}" if isinstance(v, float) else "-"
+
+
+def _ok(v: Any) -> str:
+    return {True: "yes", False: "**no**", None: "-"}.get(v, str(v))
+
+
+def _reason(rec: dict[str, Any]) -> str:
+    parts = []
+    if rec.get("timeout"):
+        parts.append(f"timed out after {rec['timeout']:.0f} s in stage {rec.get('stage')}")
+    if rec.get("crash"):
+        parts.append(f"crash: {rec['crash']}")
+    for stage_name, msg in rec.get("errors", {}).items():
+        if stage_name == "infer_strict":
+            continue  # the unsupported ops are listed below
+        if stage_name == "verify" and rec.get("verify_members"):
+            msg += f" (members {', '.join(rec['verify_members'])})"
+        parts.append(f"{stage_name}: {msg}")
+    if rec.get("frozen_no_reason"):
+        parts.append(f"{rec['frozen_no_reason']} frozen axes without a reason")
+    if rec.get("unsupported"):
+        parts.append(
+            "ops without a rule (frozen): "
+            + ", ".join(f"`{u}`" for u in rec["unsupported"][:6])
+            + (" ..." if len(rec["unsupported"]) > 6 else "")
+        )
+    for m in ("act_align", "rebasin"):
+        if isinstance(rec.get(m), float) and rec[m] > RECOVERY_TOL:
+            parts.append(f"{m} recovers with error {rec[m]:.1e}")
+    text = "; ".join(parts)
+    return text.replace("|", "\\|").replace("\n", " ")[:600]
+
+
+def write_report(cache: dict[str, Any], out: Path, command: str) -> None:
+    results = cache["results"]
+    catalog = cache.get("timm_catalog") or {}
+    entries = [e for e in all_entries(catalog) if e.key in results]
+    recs = [results[e.key] | {"kind": e.kind, "pattern": e.pattern} for e in entries]
+    lines = [
+        "# Compatibility",
+        "",
+        "<!-- generated by benchmarks/zoo_sweep.py; do not edit by hand -->",
+        "",
+        "Generated by `benchmarks/zoo_sweep.py` (do not edit by hand). The sweep that produced this page:",
+        "",
+        f"```bash\n{command}\n```",
+        "",
+        f"Regenerate this page from the cache (`benchmarks/.zoo_sweep_cache.json`) with "
+        f"`python benchmarks/zoo_sweep.py --report-only`; re-run only the models that are not green with "
+        f"`python benchmarks/zoo_sweep.py --rerun-failed`. Library: torch {_version('torch')}, torchvision "
+        f"{_version('torchvision')}, timm {_version('timm')}, transformers {_version('transformers')}.",
+        "",
+        "Every model is random-initialised from its config (nothing downloaded) with non-degenerate weights "
+        "(norm gammas and running variances in U[0.5, 1.5], betas and running means in U[-0.5, 0.5], every "
+        "zero-init or constant tensor re-drawn) and run in float64 through: `infer_groups` (strict and "
+        f"non-strict), `verify_invariance(batch=16)` on the non-strict spec, self-merge recovery (models up to "
+        f"{MERGE_MAX_PARAMS / 1e6:.0f}M parameters: B = A with every carried group randomly permuted, "
+        f"`merge([A, B], reset_bn=False)`, relative output error `max|merged - A| / max(1, max|A|)` over 3 "
+        f"batches, pass at <= {RECOVERY_TOL:g}) and ONNX export of the merged model in float32 (models under "
+        f"{ONNX_MAX_PARAMS / 1e6:.0f}M parameters). A model is **green** when non-strict inference finishes, the "
+        "spec is sound, every frozen axis has a reason, act_align recovers A and the ONNX export verifies; "
+        "strict-mode failures (an op without a rule) and rebasin recovery are reported, not targets.",
+        "",
+    ]
+    lines += _summary(recs)
+    lines += ["", "## Models", ""]
+    for family in FAMILIES:
+        rows = [r for r in recs if r["family"] == family]
+        if not rows:
+            continue
+        lines += [
+            f"### {family}",
+            "",
+            "| model | params | input | frontend | strict | non-strict (groups) | sound | permutable % "
+            "| act_align err | rebasin err | onnx | status | reason |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            name = r["key"].split("/", 1)[1]
+            model = r.get("model", "")
+            label = f"{name} (`{model}`)" if family == "timm" else name
+            params = f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-"
+            ns = (
+                f"{_ok(r.get('nonstrict_ok'))} ({r.get('nonstrict_groups', '-')})"
+                if "nonstrict_ok" in r
+                else "-"
+            )
+            lines.append(
+                f"| {label} | {params} | {r.get('input', '-')} | {r.get('frontend', '-')} | "
+                f"{_ok(r.get('strict_ok'))} | {ns} | {_ok(r.get('sound'))} | {_pct(r.get('permutable'))} | "
+                f"{_fmt_err(r.get('act_align'))} | {_fmt_err(r.get('rebasin'))} | {_fmt_err(r.get('onnx'))} | "
+                f"{status(r)} | {_reason(r)} |"
+            )
+        lines.append("")
+    out.write_text("\n".join(lines))
+
+
+def _version(pkg: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:
+        return "?"
+
+
+def _summary(recs: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Summary",
+        "",
+        "| family | models | green | red | build failed | infer | unsound | no reason "
+        "| act_align | onnx | timeout | merge skipped (size) | onnx skipped (size) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family in (*FAMILIES, "total"):
+        rows = [r for r in recs if family == "total" or r["family"] == family]
+        if not rows:
+            continue
+        reds = [red_stages(r) for r in rows]
+
+        def count(stage: str, reds: list[list[str]] = reds) -> int:
+            return sum(any(s == stage or s.startswith(stage + "(") for s in red) for red in reds)
+
+        lines.append(
+            f"| {family} | {len(rows)} | {sum(not r for r in reds)} | {sum(bool(r) for r in reds)} | "
+            f"{count('build')} | {count('infer')} | {count('unsound')} | {count('reason')} | {count('act_align')} | "
+            f"{count('onnx')} | {count('timeout')} | "
+            f"{sum(r.get('act_align') == 'skipped: size' for r in rows)} | "
+            f"{sum(r.get('onnx') == 'skipped: size' for r in rows)} |"
+        )
+    lines += ["", "## Targets (issue #12)", "", "| target | measured | met |", "|---|---|---|"]
+    built = [r for r in recs if "build" not in r.get("errors", {})]
+    specs = [r for r in built if "sound" in r]
+    unsound = [r for r in specs if r["sound"] is False]
+    lines.append(
+        f"| 0 unsound specs | {len(unsound)} unsound of {len(specs)} verified | {_met(not unsound)} |"
+    )
+
+    def finish_rate(family: str) -> tuple[int, int]:
+        rows = [r for r in recs if r["family"] == family]
+        if family == "hf":  # per architecture: every attention implementation must finish
+            archs: dict[str, bool] = {}
+            for r in rows:
+                arch = r["key"].partition("[")[0]
+                archs[arch] = archs.get(arch, True) and r.get("nonstrict_ok") is True
+            return sum(archs.values()), len(archs)
+        return sum(r.get("nonstrict_ok") is True for r in rows), len(rows)
+
+    for family, need in (("torchvision", 1.0), ("hf", 1.0), ("timm", 0.95)):
+        ok, n = finish_rate(family)
+        if n:
+            what = {"torchvision": "torchvision families", "hf": "HF architectures", "timm": "timm modules"}[
+                family
+            ]
+            lines.append(
+                f"| `infer_groups(strict=False)` finishes on >= {100 * need:.0f}% of {what} | "
+                f"{ok}/{n} ({100 * ok / n:.1f}%) | {_met(ok >= need * n)} |"
+            )
+    for kind, what in (("cnn", "CNNs"), ("vit", "vision transformers")):
+        fr = [
+            r["permutable"] for r in specs if r.get("kind") == kind and isinstance(r.get("permutable"), float)
+        ]
+        if fr:
+            med = statistics.median(fr)
+            lines.append(
+                f"| median permutable fraction >= 0.95 on {what} | {med:.3f} over {len(fr)} models "
+                f"| {_met(med >= 0.95)} |"
+            )
+    noreason = sum(r.get("frozen_no_reason", 0) for r in specs)
+    frozen = sum(r.get("n_frozen", 0) for r in specs)
+    lines.append(
+        f"| every frozen axis has a reason | {noreason} of {frozen} frozen axes without one | "
+        f"{_met(noreason == 0)} |"
+    )
+    eligible = [r for r in specs if r.get("params", 0) <= MERGE_MAX_PARAMS and r.get("nonstrict_ok")]
+    aa = [r for r in eligible if isinstance(r.get("act_align"), float) and r["act_align"] <= RECOVERY_TOL]
+    lines.append(
+        f"| act_align self-merge recovery <= {RECOVERY_TOL:g} on 100% of models up to "
+        f"{MERGE_MAX_PARAMS / 1e6:.0f}M params | {len(aa)}/{len(eligible)} "
+        f"({100 * len(aa) / max(1, len(eligible)):.1f}%) | {_met(len(aa) == len(eligible))} |"
+    )
+    rb = [r for r in eligible if isinstance(r.get("rebasin"), float) and r["rebasin"] <= RECOVERY_TOL]
+    lines.append(
+        f"| rebasin recovery rate (reported) | {len(rb)}/{len(eligible)} "
+        f"({100 * len(rb) / max(1, len(eligible)):.1f}%) | - |"
+    )
+    strict = [r for r in built if r.get("strict_ok") is True]
+    lines.append(
+        f"| strict inference (reported) | {len(strict)}/{len(built)} models have a rule for every op | - |"
+    )
+    missing = [m for m, info in (_catalog_errors(recs)).items() if info]
+    if missing:
+        lines += ["", "timm modules where no model could be built: " + ", ".join(missing)]
+    return lines
+
+
+def _catalog_errors(recs: list[dict[str, Any]]) -> dict[str, str]:
+    return {
+        r["key"]: r["errors"]["build"]
+        for r in recs
+        if r["family"] == "timm" and "build" in r.get("errors", {})
+    }
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
