@@ -6,11 +6,14 @@ the model's own parameter and buffer tensors, so analyses see one IR whichever f
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
-from collections.abc import Iterator
+import operator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import fx, nn
@@ -18,10 +21,15 @@ from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 from torch.fx._pytree import tree_flatten_spec
 from torch.fx.proxy import ParameterProxy
 
-from fxmerge.errors import CaptureError
+from fxmerge.errors import CaptureError, FxmergeError
 from fxmerge.infer.registry import RULES, RuleTable
 
 Frontend = Literal["auto", "fx", "export"]
+T = TypeVar("T")
+
+# Keyword inputs that capture passes when the model's forward takes them and the caller did not set them:
+# they switch off outputs that are state for a later call rather than part of the function (KV caches).
+CAPTURE_KWARGS: dict[str, Any] = {"use_cache": False}
 
 
 @dataclass
@@ -31,6 +39,12 @@ class CapturedGraph:
     ``state`` maps fully-qualified names to the model's parameters and persistent buffers (tied
     tensors appear under every name). ``bindings`` maps placeholder/get_attr node names to those FQNs;
     ``constants`` holds graph constants (lifted tensors, non-persistent buffers) by node name.
+
+    ``frontend`` is the frontend that produced ``gm``. Under ``"auto"``, ``fallback_reason`` says why fx was
+    not used (a tracing error, calls fx cannot see into, or a graph that fails on the example inputs) and
+    ``rejected`` maps every frontend tried and not used to why. ``call_kwargs`` are keyword inputs capture
+    added to the call (:data:`CAPTURE_KWARGS`, e.g. ``use_cache=False``); the graph is specialised to them and
+    :meth:`flat_inputs` supplies them.
     """
 
     gm: fx.GraphModule
@@ -42,9 +56,12 @@ class CapturedGraph:
     user_inputs: list[str] = field(default_factory=list)
     in_spec: Any = None
     fallback_reason: str | None = None
+    rejected: dict[str, str] = field(default_factory=dict)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         """Values of the user-input placeholders for the given call arguments."""
+        kwargs = {**self.call_kwargs, **kwargs}
         if self.frontend == "export":
             flat = tree_flatten_spec((args, kwargs), self.in_spec)
             return dict(zip(self.user_inputs, flat, strict=True))
@@ -153,6 +170,12 @@ def capture(
 ) -> CapturedGraph:
     """Capture ``model`` as a graph; ``auto`` tries fx symbolic tracing, then ``torch.export``.
 
+    ``auto`` uses ``torch.export`` when fx fails in any way, and when the fx graph calls Python functions or
+    modules that have no rule (``torch.fx.wrap``-ed helpers: fx cannot see into them, export can); if export
+    fails there too, the fx graph is kept. The result says which frontend ran and why
+    (``frontend``, ``fallback_reason``, ``rejected``). When both fail, the error names both failures.
+    :func:`capture_and_run` also falls back when the fx graph fails to run on the example inputs.
+
     ``stack_traces`` records the user source line of every fx node (a third of fx's tracing time; the
     diagnostics re-capture with it when they need to point at source lines).
     """
@@ -162,24 +185,142 @@ def capture(
         raise CaptureError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
     args, kwargs = split_inputs(example_inputs)
     rules = rules or RULES
-    fx_error: Exception | None = None
-    if frontend in ("auto", "fx"):
-        try:
-            return _capture_fx(model, rules, stack_traces)
-        except CaptureError as e:
-            if frontend == "fx":
-                raise
-            fx_error = e
-    cg = _capture_export(model, args, kwargs)
-    cg.fallback_reason = str(fx_error).splitlines()[0] if fx_error else None
+    extra = capture_kwargs(model, args, kwargs)
+    if frontend == "export":
+        return _capture_export(model, args, kwargs, extra)
+    if frontend == "fx":
+        return _capture_fx(model, rules, stack_traces, extra)
+    try:
+        cg = _capture_fx(model, rules, stack_traces, extra)
+    except Exception as e:  # any fx failure is a reason to try export
+        return _fall_back(model, args, kwargs, extra, _fx_failure(model, e), fx_error=e)
+    opaque = opaque_calls(cg.gm, rules)
+    if not opaque:
+        return cg
+    reason = (f"the fx graph calls {len(opaque)} function(s)/module(s) it cannot see into and that have no rule: "
+              f"{', '.join(opaque[:4])}{' ...' if len(opaque) > 4 else ''}")  # fmt: skip
+    try:
+        return _fall_back(model, args, kwargs, extra, reason)
+    except CaptureError as e:  # export cannot do better: keep the fx graph (its opaque calls become barriers)
+        cg.rejected["export"] = _first_line(e)
+        return cg
+
+
+def capture_and_run(
+    model: nn.Module,
+    example_inputs: Any,
+    frontend: Frontend,
+    run: Callable[[CapturedGraph], T],
+    *,
+    rules: RuleTable | None = None,
+    stack_traces: bool = False,
+) -> tuple[CapturedGraph, T]:
+    """:func:`capture`, then ``run(cg)`` (a pass that executes the graph on the example inputs).
+
+    Under ``auto`` an fx graph that fails to run falls back to ``torch.export``. Errors other than
+    :class:`~fxmerge.FxmergeError` become a :class:`~fxmerge.CaptureError` that says whether the model itself
+    runs on the inputs (then the captured graph is at fault, not ``example_inputs``).
+    """
+    cg = capture(model, example_inputs, frontend, rules=rules, stack_traces=stack_traces)
+    try:
+        return cg, _run_checked(model, example_inputs, cg, run)
+    except CaptureError as e:
+        if frontend != "auto" or cg.frontend != "fx":
+            raise
+        fx_error: Exception = e
+    args, kwargs = split_inputs(example_inputs)
+    ecg = _fall_back(model, args, kwargs, cg.call_kwargs, _first_line(fx_error), fx_error=fx_error)
+    return ecg, _run_checked(model, example_inputs, ecg, run)
+
+
+def _run_checked(model: nn.Module, example_inputs: Any, cg: CapturedGraph, run: Callable[[CapturedGraph], T]) -> T:
+    try:
+        return run(cg)
+    except FxmergeError:
+        raise
+    except Exception as e:
+        what = f"running the {cg.frontend} graph of {cg.model_class} on example_inputs failed: {type(e).__name__}: "
+        what += _first_line(e)
+        args, kwargs = split_inputs(example_inputs)
+        if cg.frontend == "export" or _model_runs(model, args, kwargs):
+            fix = ("The model itself runs on these inputs, so the captured graph is at fault"
+                   + (": use frontend='export'." if cg.frontend == "fx" else "."))  # fmt: skip
+        else:
+            fix = ("The model itself fails on them too: pass example_inputs that its forward accepts (a tensor, a "
+                   "tuple of positional inputs optionally ending with a dict of keyword inputs, or a dict).")  # fmt: skip
+        raise CaptureError(f"{what}. {fix}") from e
+
+
+def _model_runs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # the model itself does not run on the inputs
+        return False
+    return True
+
+
+def _fall_back(
+    model: nn.Module, args: tuple, kwargs: dict, extra: dict[str, Any], reason: str, *, fx_error: Exception | None = None
+) -> CapturedGraph:  # fmt: skip
+    """Capture with ``torch.export`` after fx was rejected for ``reason``."""
+    try:
+        cg = _capture_export(model, args, kwargs, extra)
+    except CaptureError as e:
+        if fx_error is None:
+            raise
+        raise CaptureError(
+            f"neither frontend could capture {type(model).__name__}.\n  fx: {fx_error}\n  export: {e}"
+        ) from e
+    cg.fallback_reason = reason
+    cg.rejected["fx"] = reason
     return cg
 
 
-def _capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool) -> CapturedGraph:
+def _fx_failure(model: nn.Module, e: Exception) -> str:
+    if isinstance(e, CaptureError):
+        return _first_line(e)
+    return f"torch.fx capture of {type(model).__name__} failed: {type(e).__name__}: {_first_line(e)}"
+
+
+def capture_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The :data:`CAPTURE_KWARGS` that ``model.forward`` takes by name and the call does not set."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    out = {}
+    for name, value in CAPTURE_KWARGS.items():
+        index = next((i for i, p in enumerate(params) if p.name == name and p.kind in named), None)
+        if index is None or name in kwargs:
+            continue
+        if params[index].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and index < len(args):
+            continue
+        out[name] = value
+    return out
+
+
+def opaque_calls(gm: fx.GraphModule, rules: RuleTable) -> list[str]:
+    """Calls in an fx graph that fx kept opaque and no rule covers: Python functions (``torch.fx.wrap``-ed
+    helpers, autowrapped functions) and leaf modules. ``torch.export`` traces into both."""
+    out: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, types.FunctionType):
+            if rules.lookup_function(n.target) is None:
+                out[f"{n.target.__module__}.{n.target.__qualname__}"] = None
+        elif n.op == "call_module":
+            mod = gm.get_submodule(str(n.target))
+            if rules.lookup_module(mod) is None:
+                out[f"{type(mod).__module__}.{type(mod).__qualname__}"] = None
+    return list(out)
+
+
+def _capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
     try:
         with eval_mode(model):
-            graph = _LeafTracer(rules, stack_traces).trace(model)
+            graph = _LeafTracer(rules, stack_traces).trace(model, concrete_args=dict(extra) or None)
     except Exception as e:
         raise CaptureError(
             f"torch.fx could not trace {name}: {type(e).__name__}: {_first_line(e)}. "
@@ -187,6 +328,8 @@ def _capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool) -> Captu
             "Hugging Face models and most custom code), or make the offending code traceable "
             "(concrete_args, torch.fx.wrap, or register a rule for the module with @fxmerge.rule so it becomes a leaf)."
         ) from e
+    _name_concrete_placeholders(graph, extra)
+    _structseq_fields_to_items(graph)
     # code generation is deferred until the module is called: analysis only walks the graph
     gm = _make_graph_module(model, graph, class_name=f"{name}Graph", graph_module_cls=_LazyGraphModule)
     state = model_state(model)
@@ -198,20 +341,62 @@ def _capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool) -> Captu
             if isinstance(val, torch.Tensor):
                 constants[n.name] = val
     users = [n.name for n in graph.nodes if n.op == "placeholder"]
-    return CapturedGraph(gm, "fx", name, state, bindings, constants, users)
+    return CapturedGraph(gm, "fx", name, state, bindings, constants, users, call_kwargs=dict(extra))
 
 
-def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
+def _name_concrete_placeholders(graph: fx.Graph, extra: dict[str, Any]) -> None:
+    """fx names the placeholder of a concrete argument ``<name>_1`` (and guards its value): give it back its
+    keyword so the graph binds like the model, defaulting to the value it was specialised to."""
+    for n in graph.nodes:
+        if n.op == "placeholder" and isinstance(n.target, str) and n.target.endswith("_1"):
+            kw = n.target[:-2]
+            if kw in extra:
+                n.target = kw
+                n.args = (extra[kw],)
+
+
+def _structseq_fields_to_items(graph: fx.Graph) -> None:
+    """``x.max(dim).values`` traces to ``getattr(max_1, "values")``; the result is a ``torch.return_types``
+    named tuple. Rewrite the field access to the index access ``max_1[0]`` (what ``torch.export`` produces),
+    so rules see one tuple-element access whichever frontend ran."""
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not builtins.getattr or len(n.args) != 2:
+            continue
+        obj, attr = n.args
+        if not isinstance(obj, fx.Node) or not isinstance(attr, str):
+            continue
+        fields = _structseq_fields(obj)
+        if attr in fields:
+            n.target = operator.getitem
+            n.args = (obj, fields.index(attr))
+
+
+def _structseq_fields(node: fx.Node) -> tuple[str, ...]:
+    """Field names of the ``torch.return_types`` named tuple ``node`` returns (empty when it returns none)."""
+    if node.op == "call_method":
+        op = str(node.target)
+    elif node.op == "call_function":
+        op = getattr(node.target, "__name__", "")
+    else:
+        return ()
+    rt = getattr(torch.return_types, op, None)
+    if not isinstance(rt, type) or rt not in torch.return_types.all_return_types:
+        return ()
+    return tuple(getattr(rt, "__match_args__", ()))
+
+
+def _capture_export(model: nn.Module, args: tuple, kwargs: dict, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
     try:
         with eval_mode(model), torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep = torch.export.export(model, args, {**kwargs, **extra}, strict=False)
     except Exception as e:
         raise CaptureError(
             f"torch.export could not capture {name}: {type(e).__name__}: {_first_line(e)}. "
             "Fix: check that example_inputs match the model's forward (a tuple of positional inputs, optionally "
-            "ending with a dict of keyword inputs); for Hugging Face decoders pass use_cache=False; data-dependent "
-            "control flow must be rewritten with torch.cond or made shape-only."
+            "ending with a dict of keyword inputs); outputs must be tensors or containers of them (switch off "
+            "caches and other state outputs with the model's keyword inputs); data-dependent control flow must be "
+            "rewritten with torch.cond or made shape-only."
         ) from e
     state = model_state(model)
     bindings, constants, users = {}, {}, []
@@ -229,16 +414,22 @@ def _capture_export(model: nn.Module, args: tuple, kwargs: dict) -> CapturedGrap
             users.append(arg_name)
         else:
             raise CaptureError(f"torch.export produced an input of kind {kind} for {name}; fxmerge cannot bind it")
-    return CapturedGraph(ep.graph_module, "export", name, state, bindings, constants, users, ep.call_spec.in_spec)
+    return CapturedGraph(ep.graph_module, "export", name, state, bindings, constants, users, ep.call_spec.in_spec,
+                         call_kwargs=dict(extra))  # fmt: skip
 
 
 def _bind_fx_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, Any]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    named = {str(n.target) for n in placeholders}
     out: dict[str, Any] = {}
     positional = list(args)
     for n in placeholders:
         pname = str(n.target).lstrip("*")
-        if positional:
+        if str(n.target).startswith("**"):  # forward(..., **kwargs): the keyword inputs no parameter takes
+            out[n.name] = {k: v for k, v in kwargs.items() if k not in named}
+        elif str(n.target).startswith("*"):  # forward(..., *args): the remaining positional inputs
+            out[n.name], positional = tuple(positional), []
+        elif positional:
             out[n.name] = positional.pop(0)
         elif pname in kwargs:
             out[n.name] = kwargs[pname]

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from fxmerge.capture.trace import CapturedGraph, Frontend, capture, split_inputs
-from fxmerge.errors import CaptureError, FxmergeError, UnsupportedOpsError
+from fxmerge.capture.trace import CapturedGraph, Frontend, capture_and_run, split_inputs
+from fxmerge.errors import UnsupportedOpsError
 from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter, UnsupportedOp
@@ -31,7 +31,9 @@ def infer_groups(
         example_inputs: a tensor, a tuple of positional inputs (optionally ending with a dict of keyword
             inputs), or a dict of keyword inputs. Small inputs are enough: only shapes matter.
         frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen level) or ``"auto"``
-            (fx, falling back to export).
+            (fx, falling back to export when fx fails to trace, when its graph fails on the example inputs, or
+            when it calls functions fx cannot see into; ``spec.graph.frontend`` / ``.fallback_reason`` say which
+            ran and why).
         strict: raise :class:`~fxmerge.UnsupportedOpsError` listing every op without a rule; with
             ``strict=False`` such ops become barriers (their axes frozen) and are listed in the coverage
             report.
@@ -47,7 +49,9 @@ def infer_groups(
     """
     cg, interp = _interpret(model, example_inputs, frontend, rules, free_outputs, stack_traces=False)
     if interp.unsupported and cg.frontend == "fx":  # re-trace with source lines for the diagnostics
+        rejected = cg.rejected
         cg, interp = _interpret(model, example_inputs, "fx", rules, free_outputs, stack_traces=True)
+        cg.rejected = rejected  # the frontend choice (spec.graph.frontend, .rejected) stays auto's
     if strict and interp.unsupported:
         raise UnsupportedOpsError(format_unsupported(type(model).__name__, interp.unsupported), interp.unsupported)
     spec = build_spec(interp)
@@ -59,19 +63,15 @@ def _interpret(
     model: nn.Module, example_inputs: Any, frontend: Frontend, rules: RuleTable | None, free_outputs: bool,
     *, stack_traces: bool,
 ) -> tuple[CapturedGraph, GraphInterpreter]:  # fmt: skip
-    cg = capture(model, example_inputs, frontend, rules=rules, stack_traces=stack_traces)
-    interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
     args, kwargs = split_inputs(example_inputs)
-    try:
+
+    def run(cg: CapturedGraph) -> GraphInterpreter:
+        interp = GraphInterpreter(cg, rules, free_outputs=free_outputs)
         interp.run(cg.flat_inputs(args, kwargs))
-    except FxmergeError:
-        raise
-    except Exception as e:  # the example inputs do not fit the model
-        raise CaptureError(
-            f"running {type(model).__name__} on example_inputs failed: {type(e).__name__}: {str(e)[:300]}. "
-            "Pass example_inputs that the model's forward accepts (a tensor, a tuple of positional inputs "
-            "optionally ending with a dict of keyword inputs, or a dict)."
-        ) from e
+        return interp
+
+    # under "auto", an fx graph that fails on the example inputs falls back to torch.export
+    cg, interp = capture_and_run(model, example_inputs, frontend, run, rules=rules, stack_traces=stack_traces)
     return cg, interp
 
 
