@@ -410,7 +410,7 @@ def _name_rank(name: str) -> tuple:
 
 
 def timm_catalog(
-    progress: bool = True, per_module: int = 8, modules: list[str] | None = None
+    progress: bool = True, per_module: int = 5, modules: list[str] | None = None
 ) -> dict[str, Any]:
     """``{module: {"model": name | None, "params": n, "candidates": k, "error": str}}`` for every timm module
     (or the listed ones): the smallest of the ``per_module`` candidates ranked first by their names."""
@@ -419,7 +419,9 @@ def timm_catalog(
 
     out: dict[str, dict[str, Any]] = {}
     for module in modules or timm.list_modules():
-        names = sorted(timm.list_models(module=module), key=_name_rank)[:per_module]
+        ranked = sorted(timm.list_models(module=module), key=_name_rank)
+        small = [n for n in ranked if not _BIG.search(n)] or ranked  # skip obviously large variants
+        names = small[:per_module]
         best: tuple[int, str] | None = None
         errors = []
         for name in names:
@@ -621,6 +623,7 @@ def run_model(
     record: dict[str, Any] | None = None,
     save: Callable[[dict], None] | None = None,
     stages: tuple[str, ...] = ("merge", "onnx"),
+    methods: tuple[str, ...] = ("act_align", "rebasin"),
 ) -> dict:
     """Run every stage on ``key`` and return its record; ``save(record)`` is called after each stage."""
     import torch
@@ -726,7 +729,7 @@ def run_model(
         except Exception as e:
             b = None
             rec["errors"]["permute"] = _err(e)
-        for method in ("act_align", "rebasin"):
+        for method in methods:
             if b is None:
                 rec[method] = "n/a"
                 continue

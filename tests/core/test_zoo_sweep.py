@@ -1,0 +1,90 @@
+"""``benchmarks/zoo_sweep.py``: the per-model stages on a few small models of the representative slice, and
+the report it writes (``docs/compatibility.md``).
+
+Each model goes through group inference (strict and not), the float64 invariance check on non-degenerate
+random weights, and act_align self-merge recovery; ONNX export and rebasin are left to the sweep itself
+(tests/export and tests/merge cover them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("zoo_sweep", ROOT / "benchmarks" / "zoo_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("zoo_sweep", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+# small models of the representative slice: SE + hardswish, post-LN encoder, GQA decoder (sdpa and eager),
+# residual CNN, timm ViT (fused qkv)
+FAST = ["torchvision/mobilenet_v3_small", "hf/bert", "hf/llama[sdpa]"]
+SLOW = ["torchvision/resnet18", "hf/llama[eager]", "timm/vision_transformer"]
+CATALOG = {"vision_transformer": {"model": "vit_tiny_patch16_224"}}
+
+
+def _check(key: str) -> None:
+    assert key in sweep.REPRESENTATIVE
+    rec = sweep.run_model(key, CATALOG, stages=("merge",), methods=("act_align",))
+    assert not rec["errors"].get("build"), rec["errors"]
+    assert rec["nonstrict_ok"], rec["errors"]
+    assert rec["nonstrict_groups"] > 0
+    assert rec["sound"], rec["errors"].get("verify")
+    assert rec["frozen_no_reason"] == 0
+    assert rec["moved"] > 1e-3, "the permuted copy is not a different point: recovery would prove nothing"
+    assert isinstance(rec["act_align"], float), rec["errors"]
+    assert rec["act_align"] <= sweep.RECOVERY_TOL, f"act_align recovers with error {rec['act_align']:.3g}"
+    assert sweep.status(rec) == "green"
+
+
+@pytest.mark.parametrize("key", FAST)
+def test_sweep_stages_pass(key: str) -> None:
+    _check(key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", SLOW)
+def test_sweep_stages_pass_slow(key: str) -> None:
+    _check(key)
+
+
+def test_reinit_makes_norms_and_zero_init_layers_non_degenerate() -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.LayerNorm(6), nn.Linear(6, 3))
+    nn.init.zeros_(model[3].weight)
+    sweep._reinit(model, 0)
+    bn, ln = model[1], model[2]
+    for t, (lo, hi) in [(bn.weight, (0.5, 1.5)), (bn.bias, (-0.5, 0.5)), (bn.running_mean, (-0.5, 0.5)),
+                        (bn.running_var, (0.5, 1.5)), (ln.weight, (0.5, 1.5)), (ln.bias, (-0.5, 0.5))]:  # fmt: skip
+        assert lo <= float(t.min()) < float(t.max()) <= hi
+    assert float(model[3].weight.abs().min()) > 0
+    assert torch.unique(model[3].bias).numel() == 3
+
+
+def test_report_counts_targets_and_reasons(tmp_path: Path) -> None:
+    green = {"family": "torchvision", "key": "torchvision/resnet18", "errors": {}, "nonstrict_ok": True,
+             "strict_ok": True, "sound": True, "frozen_no_reason": 0, "n_frozen": 3, "permutable": 0.99,
+             "act_align": 0.0, "rebasin": 0.0, "onnx": "ok", "params": 10}  # fmt: skip
+    unsound = green | {"key": "torchvision/alexnet", "sound": False, "errors": {"verify": "InvarianceError: g3"}}
+    cache = {"results": {r["key"]: r for r in (green, unsound)}, "timm_catalog": {}}
+    out = tmp_path / "compat.md"
+    sweep.write_report(cache, out, "python benchmarks/zoo_sweep.py --only x")
+    text = out.read_text()
+    assert "python benchmarks/zoo_sweep.py --only x" in text
+    assert "| torchvision | 2 | 1 | 1 | 0 | 0 | 1 |" in text
+    assert "| 0 unsound specs | 1 unsound of 2 verified | **no** |" in text
+    assert "verify: InvarianceError: g3" in text
+    assert sweep.status(unsound) == "red: unsound"
