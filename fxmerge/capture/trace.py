@@ -184,7 +184,10 @@ def capture(
     if frontend not in ("auto", "fx", "export"):
         raise CaptureError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
     args, kwargs = split_inputs(example_inputs)
-    rules = rules or RULES
+    if rules is None:
+        from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (leaves and opaque calls need the rules)
+
+        rules = RULES
     extra = capture_kwargs(model, args, kwargs)
     if frontend == "export":
         return _capture_export(model, args, kwargs, extra)
