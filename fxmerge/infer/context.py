@@ -121,7 +121,19 @@ class RuleContext:
                 self.solver.freeze(d, msg)
 
     def freeze_axis(self, x: TV, axis: int, reason: str) -> None:
+        """Freeze one axis of ``x``; for a joint level, deeper levels are also made independent of it."""
+        self.mix(x, [axis])
         self.freeze_term(x.dims[axis], reason)
+
+    def mix(self, x: TV | None, axes: list[int]) -> None:
+        """Declare that the op combines the values of ``x`` along ``axes`` (reduction, normalisation, scan).
+
+        Plain axes need nothing (a permutation of the whole axis keeps the set of combined values); an axis
+        that is a level of a view-split (``h.view(B, 4, 4).softmax(-1)``) structures the split so that the
+        positions combined together stay together. Every rule that combines values along an axis calls it.
+        """
+        if x is not None and axes:
+            self.alg.mix(x.dims, [a % max(x.ndim, 1) for a in axes], self.why)
 
     def freeze_term(self, d: AxisTerm, reason: str) -> None:
         """Freeze one axis (for a joint level: that level under every outer index)."""

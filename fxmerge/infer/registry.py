@@ -38,10 +38,24 @@ class RuleTable:
     def __init__(self) -> None:
         self._rules: dict[Any, RuleEntry] = {}
 
-    def register(self, targets: Iterable[Any], entry: RuleEntry) -> None:
+    def register(self, targets: Iterable[Any], entry: RuleEntry, *, replace: bool = False) -> None:
+        """Map every form of ``targets`` to ``entry``.
+
+        Registering a target that already has a different rule is an error unless ``replace=True``: two
+        rules silently fighting over one op (e.g. ``F.batch_norm`` and ``torch.batch_norm``, whose arguments
+        come in different orders) is how a rule ends up reading the wrong argument.
+        """
+        new: dict[Any, RuleEntry] = {}
         for t in targets:
             for c in canonical_targets(t):
-                self._rules[c] = entry
+                old = self._rules.get(c)
+                if old is not None and old.fn is not entry.fn and not replace:
+                    raise ValueError(
+                        f"{_describe(c)} already has the rule {old.key!r} ({old.fn.__module__}.{old.fn.__qualname__}); "
+                        f"pass replace=True to @fxmerge.rule to replace it with {entry.key!r}"
+                    )
+                new[c] = entry
+        self._rules.update(new)
 
     def lookup_module(self, module: nn.Module) -> RuleEntry | None:
         return self._rules.get(type(module))
@@ -62,6 +76,14 @@ class RuleTable:
         t = RuleTable()
         t._rules = dict(self._rules)
         return t
+
+
+def _describe(target: Any) -> str:
+    if isinstance(target, tuple):
+        return f"Tensor.{target[1]}"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    mod = getattr(target, "__module__", None)
+    return f"{mod}.{name}" if mod and not isinstance(target, torch._ops.OpOverloadPacket) else str(name)
 
 
 def _get(rules: dict, target: Any) -> RuleEntry | None:
@@ -95,14 +117,17 @@ def canonical_targets(t: Any) -> list[Any]:
 RULES = RuleTable()
 
 
-def rule(*targets: Any, key: str | None = None, table: RuleTable | None = None) -> Callable[[RuleFn], RuleFn]:
+def rule(
+    *targets: Any, key: str | None = None, table: RuleTable | None = None, replace: bool = False
+) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn(ctx, call)`` as the permutation rule of ``targets``.
 
     The rule receives a :class:`~fxmerge.infer.context.RuleContext` and a
     :class:`~fxmerge.infer.context.Call` and returns the output dims (a tuple of axis terms per tensor
     output, a list of those for tuple outputs, or ``None`` for non-tensor outputs). It must express
-    every constraint the op imposes through ``ctx`` (``link``, ``unify``, ``freeze``, ``reshape``):
-    an axis a rule does not constrain is free, so when in doubt freeze it.
+    every constraint the op imposes through ``ctx`` (``link``, ``unify``, ``freeze``, ``reshape``, and
+    ``mix`` for axes along which values are combined): an axis a rule does not constrain is free, so when in
+    doubt freeze it. A target that already has a rule is refused unless ``replace=True``.
 
     Example::
 
@@ -114,7 +139,7 @@ def rule(*targets: Any, key: str | None = None, table: RuleTable | None = None) 
 
     def deco(fn: RuleFn) -> RuleFn:
         entry = RuleEntry(key or fn.__name__, fn)
-        (table or RULES).register([t for t in targets if t is not None], entry)
+        (table or RULES).register([t for t in targets if t is not None], entry, replace=replace)
         return fn
 
     return deco

@@ -9,6 +9,7 @@ when a tensor references a joint, all of the joint's levels are axes of that ten
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fxmerge.ir.solver import Solver
@@ -194,8 +195,15 @@ class DimAlgebra:
                     self.unify_axes(rep, t, why)
         complete = {sig: js[0] for sig, js in sig_groups.items() if set(sig) <= set(out)}
         for sig, j in complete.items():
+            j = self._overlay_joint(j, sig, sig_groups[sig], occ)
             for k, c in enumerate(sig):
                 reps[c] = Lvl(j, k)
+        for c, rep in reps.items():
+            if not isinstance(rep, Lvl) and self.s.has_bcast(rep):
+                for t in occ[c]:
+                    if not isinstance(t, Lvl):
+                        rep = self.s.overlay(rep, t, why)
+                reps[c] = rep
         result: list[AxisTerm] = []
         for c, n in zip(out, out_shape, strict=True):
             rep = reps.get(c)
@@ -208,6 +216,45 @@ class DimAlgebra:
             else:
                 result.append(rep)
         return self.normalize(tuple(result), why)
+
+    def _overlay_joint(
+        self, j: Joint, sig: tuple[str, ...], same: list[Joint], occ: dict[str, list[AxisTerm]]
+    ) -> Joint:
+        """``j`` with its broadcast parts replaced by what the other operands carry on the same letters."""
+        why = "broadcast operand"
+        if not self.s.has_bcast(j.root):
+            return j
+        root = j.root
+        for other in same[1:]:
+            root = self.s.overlay(root, other.root, why)
+        members = {id(x) for x in same}
+        for k, c in enumerate(sig):
+            for t in occ.get(c, []):
+                if isinstance(t, Lvl) and id(t.joint) in members:
+                    continue
+                root = self.s.overlay(root, _level_root(j.sizes, k, self.plain(t, why)), why)
+        return Joint(root, j.sizes) if root is not j.root else j
+
+    def mix(self, dims: Dims, axes: list[int], why: str) -> None:
+        """Values are combined along ``axes`` (reduction, normalisation, scan, sort): constrain joints so
+        that every permutation maps the positions combined together onto positions combined together.
+
+        For a joint (e.g. ``h.view(B, 4, 4)``) whose levels ``ks`` are mixed: if ``ks`` is a suffix of the
+        levels, the joint becomes a product over the levels above it (each block permuted as a whole);
+        otherwise the first mixed level is structured and every deeper level is shared across blocks.
+        """
+        for j in joints_of(dims):
+            ks = sorted({dims[a].k for a in axes if isinstance(dims[a], Lvl) and dims[a].joint is j})
+            if not ks:
+                continue
+            n = len(j.sizes)
+            if ks == list(range(ks[0], n)):
+                if ks[0] > 0:
+                    self.prefix_term(j, ks[0] - 1, why)
+                continue
+            self.level_terms(j, ks[0], why)
+            for m in range(ks[0] + 1, n):
+                self.shared_level(j, m, why)
 
     def normalize(self, dims: Dims, why: str) -> Dims:
         """Restore the invariant that every referenced joint has all its levels present."""
@@ -224,6 +271,16 @@ class DimAlgebra:
             else:
                 out = self.flatten(tuple(out), j, why)
         return tuple(out)
+
+
+def _level_root(sizes: tuple[int, ...], k: int, t: Term) -> Term:
+    """A joint root that carries ``t`` on level ``k`` (shared over the levels above) and is constant on the
+    others: the joint-shaped view of a plain operand axis."""
+    acc: Term = Bcast(math.prod(sizes[k + 1 :])) if k + 1 < len(sizes) else TRIVIAL
+    acc = product(t, [acc] * t.size) if acc.size > 1 else t
+    for i in reversed(range(k)):
+        acc = product(Bcast(sizes[i]), [acc] * sizes[i])
+    return acc
 
 
 def _signature(dims: Dims, letters: str, j: Joint) -> tuple[str, ...]:

@@ -181,6 +181,47 @@ class Solver:
                 seen.add(key)
                 self.unify(x, y, why)
 
+    # ----------------------------------------------------------- broadcasts
+    def has_bcast(self, t: Term) -> bool:
+        """True if the resolved ``t`` has a broadcast (size > 1) leaf anywhere inside."""
+        h = self.head(t)
+        if isinstance(h, Bcast):
+            return h.size > 1
+        if isinstance(h, Concat):
+            return any(self.has_bcast(p) for p in h.parts)
+        if isinstance(h, Product):
+            return self.has_bcast(h.outer) or any(self.has_bcast(x) for x in _unique(h.inners))
+        return False
+
+    def overlay(self, a: Term, b: Term, why: str) -> Term:
+        """The term of a value that varies wherever ``a`` or ``b`` varies (``a`` and ``b`` already unified).
+
+        An op whose operands share an axis, one of them constant (broadcast) along part of it, produces a
+        result that varies along that part with the other operand: ``softmax(q k^T) @ v`` with ``v``'s heads
+        repeated over a group of query heads (GQA) carries the query's head permutation, not ``v``'s
+        broadcast. The result takes, leaf by leaf, ``a``'s term where ``a`` is not broadcast and ``b``'s
+        term elsewhere.
+        """
+        ha, hb = self.head(a), self.head(b)
+        if isinstance(ha, Bcast):
+            return hb
+        if isinstance(hb, Bcast) or not self.has_bcast(ha):
+            return ha
+        if isinstance(ha, Product):
+            outer_b, inners_b = self.as_product(hb, ha.outer.size, why)
+            memo: dict[tuple[int, int], Term] = {}
+            inners = []
+            for x, y in zip(ha.inners, inners_b, strict=True):
+                key = (id(x), id(y))
+                if key not in memo:
+                    memo[key] = self.overlay(x, y, why)
+                inners.append(memo[key])
+            return product(self.overlay(ha.outer, outer_b, why), inners)
+        if isinstance(ha, Concat):
+            parts_b = self.as_concat(hb, [p.size for p in ha.parts], why)
+            return concat([self.overlay(x, y, why) for x, y in zip(ha.parts, parts_b, strict=True)])
+        return ha
+
     # ------------------------------------------------------------- reshaping
     def as_product(self, t: Term, s: int, why: str) -> tuple[Term, list[Term]]:
         """Constrain ``t`` (size n) to a product with outer size ``s``; return (outer, inners)."""

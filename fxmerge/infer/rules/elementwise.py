@@ -175,7 +175,6 @@ _BINARY = (
     "xlogy",
     "heaviside",
     "copy",
-    "masked_scatter_",
     "logaddexp",
     "logaddexp2",
     "nextafter",

@@ -206,7 +206,7 @@ def embedding(ctx: RuleContext, call: Call):
     return _embedding(ctx, call.arg(0, "input"), call.arg(1, "weight"), call.out)
 
 
-@rule(*torch_forms("embedding"), key="embedding")
+@rule(*[t for t in torch_forms("embedding") if t is not F.embedding], key="embedding")
 def aten_embedding(ctx: RuleContext, call: Call):
     """aten.embedding(weight, indices, ...) has the arguments the other way round."""
     w, ids = call.arg(0, "weight"), call.arg(1, "indices")

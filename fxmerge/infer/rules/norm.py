@@ -13,10 +13,18 @@ from fxmerge.ir.terms import product
 
 
 def _channel_norm(ctx: RuleContext, x: TV, per_channel: list[TV | None], out_shape):
-    """x's axis 1 (axis 0 when unbatched 1-D) carries the per-channel vectors; other axes pass through."""
+    """x's axis 1 (axis 0 when unbatched 1-D) carries the per-channel vectors; other axes pass through.
+    Statistics are taken over every axis but the channel axis."""
     letters = LETTERS[: x.ndim]
-    c = letters[1] if x.ndim > 1 else letters[0]
-    ops = [(x, letters)] + [(p, c) for p in per_channel if p is not None and p.ndim == 1]
+    ch = 1 if x.ndim > 1 else 0
+    c = letters[ch]
+    vecs = [p for p in per_channel if p is not None]
+    for p in vecs:
+        if p.ndim != 1 or p.shape[0] != x.shape[ch]:
+            ctx.freeze(p, "normalisation argument that is not a per-channel vector")
+            ctx.freeze_axis(x, ch, "normalisation with a non per-channel argument")
+    ctx.mix(x, [i for i in range(x.ndim) if i != ch])
+    ops = [(x, letters)] + [(p, c) for p in vecs if p.ndim == 1 and p.shape[0] == x.shape[ch]]
     return ctx.link(ops, letters, out_shape)
 
 
@@ -30,18 +38,18 @@ def batch_norm_module(ctx: RuleContext, call: Call):
     return _channel_norm(ctx, call.arg(0, "input"), [call.param(n) for n in names], call.out.shape)
 
 
-@rule(F.batch_norm, F.instance_norm, key="batch_norm")
-def batch_norm(ctx: RuleContext, call: Call):
-    """F.batch_norm(input, running_mean, running_var, weight, bias, ...)."""
-    vecs = [call.arg(i, n, None) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-    return _channel_norm(ctx, call.arg(0, "input"), vecs, call.out.shape)
+def _per_channel(call: Call, x: TV) -> list[TV]:
+    """Every tensor argument of a channel norm besides the input, however it is passed (positionally or by
+    keyword, in ``F.batch_norm``'s order or ATen's): all of them are per-channel vectors."""
+    return [t for t in call.tensors() if t is not x]
 
 
 @rule(*torch_forms("batch_norm", "instance_norm"), key="batch_norm")
-def aten_batch_norm(ctx: RuleContext, call: Call):
-    """aten.batch_norm(input, weight, bias, running_mean, running_var, ...)."""
-    vecs = [call.arg(i, None, None) for i in (1, 2, 3, 4)]
-    return _channel_norm(ctx, call.arg(0, "input"), [v for v in vecs if isinstance(v, TV)], call.out.shape)
+def batch_norm(ctx: RuleContext, call: Call):
+    """``F.batch_norm(input, running_mean, running_var, weight, bias, ...)``, ``torch.batch_norm(input, weight,
+    bias, running_mean, running_var, ...)``, instance norm: every vector argument follows the channel axis."""
+    x = call.arg(0, "input")
+    return _channel_norm(ctx, x, _per_channel(call, x), call.out.shape)
 
 
 @rule(
@@ -52,7 +60,7 @@ def aten_batch_norm(ctx: RuleContext, call: Call):
 def native_batch_norm(ctx: RuleContext, call: Call):
     """Tuple-returning ATen batch norms: (out, saved statistics...)."""
     x = call.arg(0, "input")
-    vecs = [v for v in call.args[1:5] if isinstance(v, TV)]
+    vecs = _per_channel(call, x)
     out_dims = _channel_norm(ctx, x, vecs, call.out[0].shape)
     c = x.dims[1] if x.ndim > 1 else x.dims[0]
     rest = []
@@ -62,6 +70,7 @@ def native_batch_norm(ctx: RuleContext, call: Call):
 
 
 def _layer_norm(ctx: RuleContext, x: TV, n_norm: int, w: TV | None, b: TV | None, out_shape):
+    ctx.mix(x, list(range(x.ndim - n_norm, x.ndim)))
     letters = LETTERS[: x.ndim]
     tail = letters[x.ndim - n_norm :]
     ops = [(x, letters)] + [(p, tail[len(tail) - p.ndim :]) for p in (w, b) if p is not None]
@@ -103,6 +112,7 @@ def same_prefix(ctx: RuleContext, dims, shape):
 
 
 def _group_norm(ctx: RuleContext, x: TV, groups: int, w: TV | None, b: TV | None, out_shape):
+    ctx.mix(x, list(range(1, x.ndim)))
     channel = ctx.plain(x.dims[1])
     g_term, inners = ctx.solver.as_product(channel, groups, ctx.why)
     ctx.unify(channel, product(g_term, inners))
@@ -127,6 +137,7 @@ def native_group_norm(ctx: RuleContext, call: Call):
     """aten.native_group_norm(input, weight, bias, N, C, HxW, group, eps) -> (out, mean[N,G], rstd[N,G])."""
     x, w, b = call.arg(0), call.arg(1, None, None), call.arg(2, None, None)
     groups = int(call.arg(6, "group"))
+    ctx.mix(x, list(range(1, x.ndim)))
     channel = ctx.plain(x.dims[1])
     g_term, _ = ctx.solver.as_product(channel, groups, ctx.why)
     out_dims = _channel_norm(ctx, x, [w, b], call.out[0].shape)
@@ -144,5 +155,7 @@ def local_response_norm(ctx: RuleContext, call: Call):
 
 @rule(F.normalize, key="normalize")
 def normalize(ctx: RuleContext, call: Call):
-    """x / ||x||_p along ``dim``: equivariant in every axis."""
-    return ctx.elementwise(call, [call.arg(0, "input")])
+    """x / ||x||_p along ``dim``: equivariant under permutations that keep each normalised slice together."""
+    x = call.arg(0, "input")
+    ctx.mix(x, [int(call.arg(2, "dim", 1))])
+    return ctx.elementwise(call, [x])

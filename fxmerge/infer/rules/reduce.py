@@ -35,6 +35,7 @@ def reduce(ctx: RuleContext, call: Call):
     if len(call.tensors()) > 1 and isinstance(call.out, torch.Tensor):  # torch.max(a, b) is element-wise
         return ctx.elementwise(call)
     red = _reduce_dims(call, x.ndim)
+    ctx.mix(x, red)
     outs = call.out if isinstance(call.out, tuple) else (call.out,)
     letters = LETTERS[: x.ndim]
     kept = "".join(c for i, c in enumerate(letters) if i not in red)
@@ -67,6 +68,7 @@ def order_index(ctx: RuleContext, call: Call):
     pos, default = _DIM_POS.get(name, (1, -1))
     dim = call.kwargs.get("dim", call.args[pos] if pos is not None and len(call.args) > pos else default)
     red = dims_arg(dim, x.ndim)
+    ctx.mix(x, red)
     for d in red:
         ctx.freeze_axis(x, d, f"{name}: order-dependent along the axis")
     outs = call.out if isinstance(call.out, tuple) else (call.out,)
@@ -97,6 +99,7 @@ def order_dependent(ctx: RuleContext, call: Call):
     """Ops that depend on positions along an axis. The touched axes freeze; untouched axes pass through."""
     x = first_tensor(call)
     touched = _touched_axes(call, x.ndim)
+    ctx.mix(x, touched)
     for d in touched:
         ctx.freeze_axis(x, d, f"{call.key} depends on the order along the axis")
     out = call.out
@@ -128,12 +131,24 @@ def _touched_axes(call: Call, ndim: int) -> list[int]:
     return dims_arg(dims, ndim)
 
 
+def softmax_dim(dim: int | None, ndim: int) -> int:
+    """The axis softmax normalises over; ``dim=None`` is torch's legacy implicit choice."""
+    if dim is None:
+        return 0 if ndim in (0, 1, 3) else 1
+    return int(dim) % max(ndim, 1)
+
+
 @rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, key="softmax")
 def softmax_module(ctx: RuleContext, call: Call):
-    return ctx.elementwise(call, [call.arg(0, "input")])
+    x = call.arg(0, "input")
+    ctx.mix(x, [softmax_dim(call.module.dim, x.ndim)])
+    return ctx.elementwise(call, [x])
 
 
 @rule(*torch_forms("softmax", "log_softmax", "softmin", "_softmax", "_log_softmax", "_safe_softmax"), key="softmax")
 def softmax(ctx: RuleContext, call: Call):
-    """Softmax along an axis is permutation equivariant in every axis."""
-    return ctx.elementwise(call, [first_tensor(call)])
+    """Softmax along an axis is equivariant under permutations that keep each normalised slice together."""
+    x = first_tensor(call)
+    dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    ctx.mix(x, [softmax_dim(dim if isinstance(dim, int) else None, x.ndim)])
+    return ctx.elementwise(call, [x])

@@ -232,7 +232,7 @@ def gather(ctx: RuleContext, call: Call):
 @rule(
     *torch_forms("scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy", "index_fill",
                  "index_put", "index_reduce", "masked_scatter", "diagonal_scatter", "select_scatter",
-                 "slice_scatter", "put_"),
+                 "slice_scatter"),
     key="scatter",
 )  # fmt: skip
 def scatter(ctx: RuleContext, call: Call):
