@@ -273,7 +273,7 @@ def _fall_back(
         if fx_error is None:
             raise
         raise CaptureError(
-            f"neither frontend could capture {type(model).__name__}.\n  fx: {fx_error}\n  export: {e}"
+            f"neither frontend could capture {type(model).__name__}\n  fx: {fx_error}\n  export: {e}"
         ) from e
     cg.fallback_reason = reason
     cg.rejected["fx"] = reason
