@@ -42,6 +42,8 @@ _LAZY = {
     "merge": "fxmerge.merge",
     "merge_task_vectors": "fxmerge.taskvector",
     "InvarianceReport": "fxmerge.verify",
+    "UnsoundGroupWarning": "fxmerge.verify",
+    "VerificationRecord": "fxmerge.verify",
     "verify_invariance": "fxmerge.verify",
 }
 
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
     from fxmerge.ir.spec import Group, PermutationSpec
     from fxmerge.merge import MergeResult, merge
     from fxmerge.taskvector import merge_task_vectors
-    from fxmerge.verify import InvarianceReport, verify_invariance
+    from fxmerge.verify import InvarianceReport, UnsoundGroupWarning, VerificationRecord, verify_invariance
 
 
 def __getattr__(name: str) -> Any:
@@ -98,7 +100,9 @@ __all__ = [
     "PermutationSpec",
     "SpecError",
     "TaskVectorError",
+    "UnsoundGroupWarning",
     "UnsupportedOpsError",
+    "VerificationRecord",
     "capture",
     "export_onnx",
     "infer_groups",

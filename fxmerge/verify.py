@@ -1,4 +1,16 @@
-"""Self-verification: permuting any inferred group must leave the model's outputs unchanged."""
+"""Self-verification: permuting any inferred group must leave the model's outputs unchanged.
+
+Two entry points share one machinery:
+
+* :func:`verify_invariance` checks a spec and raises :class:`~fxmerge.InvarianceError` naming the first
+  group that is not a symmetry (the user-facing check);
+* :func:`find_unsound_groups` returns the offending groups instead of raising; ``infer_groups`` uses it as a
+  *gate*: offending groups are frozen and the spec re-verified before it is returned.
+
+The check runs on a float64 copy of the model when the model runs in float64, and otherwise on a float32
+copy with a tolerance scaled to the outputs (some kernels, e.g. grouped matmuls of mixture-of-experts
+layers, exist only in lower precision).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +28,14 @@ from fxmerge.errors import InvarianceError
 from fxmerge.ir.spec import PermutationSpec
 
 
+class UnsoundGroupWarning(UserWarning):
+    """``infer_groups``' soundness gate froze groups whose permutation changed the model's outputs."""
+
+
+#: relative tolerance (of the largest output magnitude) per verification dtype
+RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
 @dataclass
 class InvarianceReport:
     """Max output difference per checked group (and for all groups at once)."""
@@ -23,86 +43,109 @@ class InvarianceReport:
     per_group: dict[int, float] = field(default_factory=dict)
     joint: float = 0.0
     scale: float = 0.0
+    dtype: str = "float64"
+    tolerance: float = 0.0
 
 
-def _to_double(x: Any) -> Any:
-    return tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+@dataclass
+class VerificationRecord:
+    """What the soundness gate of ``infer_groups`` checked: stored on the spec as ``spec.verification``."""
+
+    dtype: str
+    tolerance: float
+    scale: float
+    max_diff: float
+    forwards: int
+    trials: int
+    frozen: list[str] = field(default_factory=list)
+
+    def to_obj(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Bench:
+    """A private copy of the model in the verification dtype, its reference outputs and a tolerance."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, rtol: float | None, atol: float) -> None:
+        self.forwards = 0
+        self.model, self.args, self.kwargs, self.dtype = _prepare(model, example_inputs)
+        with eval_mode(self.model):
+            self.ref = self._run()
+            again = self._run()
+        self.scale = max((float(t.abs().max()) for t in self.ref if t.numel()), default=0.0)
+        self.tol = atol + (RTOL[self.dtype] if rtol is None else rtol) * self.scale
+        drift = _max_diff(self.ref, again)
+        if drift > self.tol:
+            raise InvarianceError(
+                f"the model's forward is not deterministic in eval mode (two identical calls differ by {drift:.3g}); "
+                "permutation invariance cannot be checked. Make the forward deterministic (no sampling in eval)."
+            )
+
+    def _run(self) -> list[torch.Tensor]:
+        self.forwards += 1
+        return _outputs(self.model, self.args, self.kwargs)
+
+    def diff(self, spec: PermutationSpec, perms: dict[int, torch.Tensor]) -> float:
+        """Max |output change| with ``perms`` applied to the copy's parameters (restored afterwards)."""
+        state = dict(self.model.named_parameters(remove_duplicate=False))
+        state.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad(), eval_mode(self.model):
+            for name in spec.axes:
+                t = state.get(name)
+                if t is None or id(t) in saved:
+                    continue
+                new = spec.permute_tensor(name, t, perms)
+                if new is not t:
+                    saved[id(t)] = (t, t.clone())
+                    t.copy_(new)
+            try:
+                return _max_diff(self.ref, self._run())
+            finally:
+                for t, orig in saved.values():
+                    t.copy_(orig)
+
+
+def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, dict, torch.dtype]:
+    """A float64 copy of the model and inputs, or float32 when the model cannot run in float64."""
+    errors = []
+    for dtype in (torch.float64, torch.float32):
+        work = copy.deepcopy(model).to(dtype)
+        args, kwargs = split_inputs(_cast(example_inputs, dtype))
+        try:
+            with eval_mode(work):
+                _outputs(work, args, kwargs)
+        except Exception as e:  # e.g. a kernel without float64 support, a float32 constant built in forward
+            errors.append(f"{dtype}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        return work, args, kwargs, dtype
+    raise InvarianceError(
+        "the model does not run on a float64 or float32 copy of itself with the example inputs, so permutation "
+        "invariance cannot be checked: " + "; ".join(errors)
+    )
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
 def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     with torch.no_grad():
         out = model(*args, **kwargs)
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t.detach().clone() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()), default=0.0)
-
-
-def verify_invariance(
-    model: nn.Module,
-    spec: PermutationSpec,
-    example_inputs: Any,
-    *,
-    seed: int = 0,
-    rtol: float = 1e-6,
-    atol: float = 1e-9,
-    groups: Iterable[int] | None = None,
-    batch: int = 1,
-) -> InvarianceReport:
-    """Apply an independent random permutation to each group (then to all at once) in float64.
-
-    Raises :class:`~fxmerge.InvarianceError` naming the first group whose permutation changes the outputs
-    by more than ``atol + rtol * max|output|``. The model is not modified.
-
-    ``batch > 1`` checks that many groups per forward pass (each with its own random permutation) and
-    bisects a failing batch down to the offending group: same verdict and same error, far fewer forward
-    passes on models with hundreds of groups (grouped convolutions, many heads).
-    """
-    spec.check_model(model)
-    work = copy.deepcopy(model).double()
-    args, kwargs = split_inputs(_to_double(example_inputs))
-    gen = torch.Generator().manual_seed(seed)
-    report = InvarianceReport()
-    with eval_mode(work):
-        ref = _outputs(work, args, kwargs)
-        report.scale = max((float(t.abs().max()) for t in ref if t.numel()), default=0.0)
-        tol = atol + rtol * max(report.scale, 1.0)
-        ids = [g.id for g in spec.groups] if groups is None else list(groups)
-        for start in range(0, len(ids), max(batch, 1)):
-            chunk = ids[start : start + max(batch, 1)]
-            perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in chunk}
-            _check_chunk(spec, work, perms, args, kwargs, ref, tol, report)
-        perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in ids}
-        report.joint = _check(spec, work, perms, args, kwargs, ref) if perms else 0.0
-        if report.joint > tol:
-            raise InvarianceError(
-                f"permuting all {len(perms)} groups at once changed the outputs by {report.joint:.3g} "
-                f"(tolerance {tol:.3g}) although each group alone passed: the layouts compose incorrectly",
-                max_diff=report.joint,
-            )
-    return report
-
-
-def _check_chunk(spec, work, perms, args, kwargs, ref, tol: float, report: InvarianceReport) -> None:
-    diff = _check(spec, work, perms, args, kwargs, ref)
-    if diff <= tol:
-        for gid in perms:
-            report.per_group[gid] = diff
-        return
-    if len(perms) == 1:
-        (gid,) = perms
-        report.per_group[gid] = diff
-        raise InvarianceError(_message(spec, gid, diff, tol), group=gid, max_diff=diff)
-    items = list(perms.items())
-    half = len(items) // 2
-    _check_chunk(spec, work, dict(items[:half]), args, kwargs, ref, tol, report)
-    _check_chunk(spec, work, dict(items[half:]), args, kwargs, ref, tol, report)
-    raise InvarianceError(
-        f"groups {sorted(perms)} pass one by one but not together (max |diff| {diff:.3g}, tolerance {tol:.3g}): "
-        "the layouts of these groups compose incorrectly",
-        max_diff=diff,
-    )
+    if len(a) != len(b):
+        return float("inf")
+    out = 0.0
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel():
+            d = float((x - y).abs().max())
+            out = max(out, d if d == d else float("inf"))  # NaN counts as a failure
+    return out
 
 
 def _non_identity(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -114,32 +157,151 @@ def _non_identity(n: int, gen: torch.Generator) -> torch.Tensor:
             return p
 
 
-def _check(spec, work, perms, args, kwargs, ref) -> float:
-    state = dict(work.named_parameters(remove_duplicate=False))
-    state.update(dict(work.named_buffers(remove_duplicate=False)))
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.no_grad():
-        for name in spec.axes:
-            t = state.get(name)
-            if t is None or id(t) in saved:
-                continue
-            new = spec.permute_tensor(name, t, perms)
-            if new is not t:
-                saved[id(t)] = (t, t.clone())
-                t.copy_(new)
-        try:
-            return _max_diff(ref, _outputs(work, args, kwargs))
-        finally:
-            for t, orig in saved.values():
-                t.copy_(orig)
+# --------------------------------------------------------------------------------------------- user check
+def verify_invariance(
+    model: nn.Module,
+    spec: PermutationSpec,
+    example_inputs: Any,
+    *,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float = 1e-12,
+    groups: Iterable[int] | None = None,
+    batch: int = 1,
+) -> InvarianceReport:
+    """Apply an independent random permutation to each group (then to all at once).
+
+    Runs on a float64 copy (float32 when the model cannot run in float64). Raises
+    :class:`~fxmerge.InvarianceError` naming the first group whose permutation changes the outputs by more
+    than ``atol + rtol * max|output|`` (``rtol`` defaults to 1e-6 in float64 and 1e-4 in float32). The model
+    is not modified.
+
+    ``batch > 1`` checks that many groups per forward pass (each with its own random permutation) and
+    bisects a failing batch down to the offending group: same verdict and same error, far fewer forward
+    passes on models with hundreds of groups (grouped convolutions, many heads).
+    """
+    spec.check_model(model)
+    bench = _Bench(model, example_inputs, rtol, atol)
+    gen = torch.Generator().manual_seed(seed)
+    report = InvarianceReport(scale=bench.scale, dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol)
+    ids = [g.id for g in spec.groups] if groups is None else list(groups)
+    step = max(batch, 1)
+    for start in range(0, len(ids), step):
+        chunk = ids[start : start + step]
+        perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in chunk}
+        _check_chunk(spec, bench, perms, report)
+    perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in ids}
+    report.joint = bench.diff(spec, perms) if perms else 0.0
+    if report.joint > bench.tol:
+        raise InvarianceError(
+            f"permuting all {len(perms)} groups at once changed the outputs by {report.joint:.3g} "
+            f"(tolerance {bench.tol:.3g}) although each group alone passed: the layouts compose incorrectly",
+            max_diff=report.joint,
+        )
+    return report
+
+
+def _check_chunk(spec: PermutationSpec, bench: _Bench, perms: dict, report: InvarianceReport) -> None:
+    diff = bench.diff(spec, perms)
+    if diff <= bench.tol:
+        for gid in perms:
+            report.per_group[gid] = diff
+        return
+    if len(perms) == 1:
+        (gid,) = perms
+        report.per_group[gid] = diff
+        raise InvarianceError(_message(spec, gid, diff, bench.tol), group=gid, max_diff=diff)
+    items = list(perms.items())
+    half = len(items) // 2
+    _check_chunk(spec, bench, dict(items[:half]), report)
+    _check_chunk(spec, bench, dict(items[half:]), report)
+    raise InvarianceError(
+        f"groups {sorted(perms)} pass one by one but not together (max |diff| {diff:.3g}, tolerance "
+        f"{bench.tol:.3g}): the layouts of these groups compose incorrectly",
+        max_diff=diff,
+    )
 
 
 def _message(spec: PermutationSpec, gid: int, diff: float, tol: float) -> str:
-    g = spec.group(gid)
-    members = ", ".join(f"{m.param}[{m.axis}]" for m in g.members[:6])
     return (
-        f"group g{gid} (size {g.size}; {members}{' ...' if len(g.members) > 6 else ''}) is not a symmetry: "
-        f"permuting it changed the outputs by {diff:.3g} (tolerance {tol:.3g}). This means a rule links axes "
-        "incorrectly; run fxmerge.infer_groups with the op's rule fixed, or freeze the op (strict=False with the "
-        "rule removed) and report the model."
+        f"group g{gid} ({describe_group(spec, gid)}) is not a symmetry: permuting it changed the outputs by "
+        f"{diff:.3g} (tolerance {tol:.3g}). A rule links axes incorrectly; infer_groups (whose gate freezes "
+        "such groups) or a fixed rule gives a sound spec."
     )
+
+
+def describe_group(spec: PermutationSpec, gid: int, limit: int = 4) -> str:
+    g = spec.group(gid)
+    members = ", ".join(f"{m.param}[{m.axis}]" for m in g.members[:limit])
+    return f"size {g.size}; {members}{' ...' if len(g.members) > limit else ''}"
+
+
+# ------------------------------------------------------------------------------------------------- gate
+def find_unsound_groups(
+    model: nn.Module,
+    spec: PermutationSpec,
+    example_inputs: Any,
+    *,
+    seed: int = 0,
+    trials: int = 2,
+) -> tuple[dict[int, float], VerificationRecord]:
+    """Groups whose random permutation changes the outputs, with the change each caused.
+
+    Each trial permutes every group at once (one forward pass); a failing trial is bisected down to the
+    offending groups. A set that fails while both its halves pass (groups that only fail together) is
+    reported whole. Returns ``({group id: max |diff|}, record)``.
+    """
+    bench = _Bench(model, example_inputs, None, 1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    bad: dict[int, float] = {}
+    worst = 0.0
+    for _ in range(trials if spec.groups else 0):
+        perms = {g.id: _non_identity(g.size, gen) for g in spec.groups if g.id not in bad}
+        worst = max(worst, _bisect(spec, bench, perms, bad))
+    record = VerificationRecord(
+        dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol, scale=bench.scale,
+        max_diff=worst, forwards=bench.forwards, trials=trials,
+    )  # fmt: skip
+    return bad, record
+
+
+def _bisect(spec: PermutationSpec, bench: _Bench, perms: dict[int, torch.Tensor], bad: dict[int, float]) -> float:
+    """Max diff of ``perms``; records in ``bad`` the groups responsible when it exceeds the tolerance."""
+    if not perms:
+        return 0.0
+    diff = bench.diff(spec, perms)
+    if diff <= bench.tol:
+        return diff
+    if len(perms) == 1:
+        bad.update(dict.fromkeys(perms, diff))
+        return diff
+    items = list(perms.items())
+    half = len(items) // 2
+    before = len(bad)
+    _bisect(spec, bench, dict(items[:half]), bad)
+    _bisect(spec, bench, dict(items[half:]), bad)
+    if len(bad) == before:  # only the combination fails
+        bad.update(dict.fromkeys(perms, diff))
+    return diff
+
+
+def require_sound(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, what: str = "merge") -> None:
+    """Refuse a spec that has not passed the soundness gate on ``model``.
+
+    A spec returned by ``infer_groups`` (gate on) carries ``spec.verification`` and passes at once; any other
+    spec (``verify=False``, loaded from JSON, edited by hand) is checked here with all groups permuted at once
+    (a few forward passes) and raises :class:`~fxmerge.InvarianceError` naming the offending groups.
+    """
+    if spec.verification is not None:
+        return
+    spec.check_model(model)
+    bad, record = find_unsound_groups(model, spec, example_inputs)
+    if bad:
+        names = "; ".join(f"g{gid} ({describe_group(spec, gid)}): outputs moved by {d:.3g}" for gid, d in bad.items())
+        raise InvarianceError(
+            f"the spec given to {what} is not sound for this model: {names}. Infer the spec with "
+            "fxmerge.infer_groups(model, example_inputs), whose soundness gate freezes such groups.",
+            group=next(iter(bad)),
+            max_diff=max(bad.values()),
+        )
+    spec.verification = record

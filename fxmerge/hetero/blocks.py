@@ -38,6 +38,7 @@ from fxmerge.errors import MergeError
 from fxmerge.hetero.graph import contains_tensor, node_params, node_reads, run_graph
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
+from fxmerge.verify import require_sound
 
 __all__ = ["Block", "BlockStructure", "find_blocks"]
 
@@ -432,7 +433,10 @@ def find_blocks(
     Raises:
         MergeError: when the model has no block, or the override does not fit the graph.
     """
-    spec = spec if spec is not None else infer_groups(model, example_inputs, frontend=frontend)
+    if spec is None:
+        spec = infer_groups(model, example_inputs, frontend=frontend)
+    else:
+        require_sound(model, spec, example_inputs, what="find_blocks")
     cg = spec.graph
     if cg is None:
         raise MergeError("the spec has no captured graph; infer it with fxmerge.infer_groups(model, example_inputs).")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
 from fxmerge.capture.trace import CapturedGraph, Frontend, capture_and_run, split_inputs
-from fxmerge.errors import UnsupportedOpsError
+from fxmerge.errors import InvarianceError, UnsupportedOpsError
 from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter, UnsupportedOp
 from fxmerge.infer.registry import RuleTable
 from fxmerge.ir.spec import PermutationSpec
+from fxmerge.verify import UnsoundGroupWarning, describe_group, find_unsound_groups
 
 
 def infer_groups(
@@ -23,6 +25,8 @@ def infer_groups(
     strict: bool = True,
     free_outputs: bool = False,
     rules: RuleTable | None = None,
+    verify: bool = True,
+    seed: int = 0,
 ) -> PermutationSpec:
     """Infer which weight axes must share one permutation.
 
@@ -38,6 +42,13 @@ def infer_groups(
             ``strict=False`` such ops become barriers (their axes frozen) and are listed in the coverage
             report.
         free_outputs: leave the model outputs' feature axes free (for feature-level zipping).
+        verify: the soundness gate (default on). Before returning, every group is permuted at random
+            (all at once, a few forward passes on a float64 copy, float32 when the model cannot run in
+            float64); groups whose permutation changes the outputs are found by bisection, frozen with the
+            reason "failed verification" in the coverage report, a warning names them, and the spec is
+            re-verified. ``spec.verification`` records the check. ``verify=False`` skips it (the spec is then
+            verified when a merge uses it).
+        seed: seed of the gate's random permutations.
 
     Returns:
         A :class:`~fxmerge.PermutationSpec` whose ``coverage`` explains every frozen axis.
@@ -56,7 +67,42 @@ def infer_groups(
         raise UnsupportedOpsError(format_unsupported(type(model).__name__, interp.unsupported), interp.unsupported)
     spec = build_spec(interp)
     spec.graph = cg
+    if verify:
+        spec = _gate(model, example_inputs, interp, spec, seed)
     return spec
+
+
+_MAX_GATE_ROUNDS = 4
+
+
+def _gate(model: nn.Module, example_inputs: Any, interp: GraphInterpreter, spec: PermutationSpec, seed: int):
+    """Verify ``spec``; freeze the groups that fail (with the reason) and re-verify until it passes."""
+    frozen: list[str] = []
+    for round_ in range(_MAX_GATE_ROUNDS):
+        bad, record = find_unsound_groups(model, spec, example_inputs, seed=seed + round_)
+        if not bad:
+            record.frozen = frozen
+            spec.verification = record
+            return spec
+        notes = [f"g{gid} ({describe_group(spec, gid)}): outputs moved by {diff:.3g}" for gid, diff in bad.items()]
+        frozen.extend(notes)
+        warnings.warn(
+            f"{type(model).__name__}: {len(bad)} inferred group(s) failed the soundness check and were frozen "
+            f"(a rule is missing a constraint; please report the model): {'; '.join(notes[:5])}"
+            f"{' ...' if len(notes) > 5 else ''}",
+            UnsoundGroupWarning,
+            stacklevel=3,
+        )
+        for gid, diff in bad.items():
+            reason = f"failed verification: permuting it moved the outputs by {diff:.3g} (frozen by the soundness gate)"
+            interp.solver.freeze(interp.solver.atoms_by_id(interp.group_atoms[gid]), reason)
+        graph = spec.graph
+        spec = build_spec(interp)
+        spec.graph = graph
+    raise InvarianceError(
+        f"{type(model).__name__}: the spec still fails verification after freezing {len(frozen)} group(s) in "
+        f"{_MAX_GATE_ROUNDS} rounds; pass strict=False with the offending op's rule removed, or report the model."
+    )
 
 
 def _interpret(

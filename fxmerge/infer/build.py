@@ -113,6 +113,7 @@ def build_spec(interp: GraphInterpreter) -> PermutationSpec:
     spec = PermutationSpec(groups, axes, cov, probes, {n: tuple(cg.state[n].shape) for n in axes})
     spec.roles = roles
     spec.layout_probes = found
+    interp.group_atoms = {gid: root for root, gid in res.gid_of.items()}
     return spec
 
 

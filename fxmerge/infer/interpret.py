@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from fxmerge.capture.trace import CapturedGraph, eval_mode
 from fxmerge.infer.context import TV, Call, RuleContext
@@ -51,6 +52,7 @@ class GraphInterpreter:
         self.used: set[int] = set()
         self.unsupported: list[UnsupportedOp] = []
         self.output_dims: list[Dims] = []
+        self.group_atoms: dict[int, int] = {}  # group id of the last built spec -> solver atom class
 
     # ------------------------------------------------------------------ params
     def dims_of_state(self, t: torch.Tensor) -> Dims:
@@ -126,6 +128,12 @@ class GraphInterpreter:
         params = self._module_params(module) if module is not None else {}
         call = Call(entry.key, node, tuple(args), dict(kwargs), out, module, params)
         dims = entry.fn(self.ctx, call)
+        if _hidden_tensors(out):
+            # tensors inside a dict or an object: no dims can follow them, so whatever they were computed from
+            # is frozen (reading them later gives fixed axes)
+            for tv in [*_flat((args, kwargs)), *params.values()]:
+                self.ctx.freeze(tv, f"result of {entry.key} holds tensors in a {type(out).__name__}")
+            return out
         return _wrap_checked(out, dims, entry.key, node)
 
     def _lookup(self, node: fx.Node, module: nn.Module | None) -> RuleEntry | None:
@@ -175,6 +183,19 @@ def _execute(node: fx.Node, module, args, kwargs) -> Any:
         self_obj, *rest = args
         return getattr(self_obj, str(node.target))(*rest, **kwargs)
     return node.target(*args, **kwargs)
+
+
+def _hidden_tensors(v: Any) -> bool:
+    """True if ``v`` holds tensors somewhere other than as a tensor or in (nested) lists/tuples."""
+    if isinstance(v, torch.Tensor) or v is None:
+        return False
+    if isinstance(v, (list, tuple)):
+        return any(_hidden_tensors(x) for x in v)
+    if isinstance(v, (int, float, bool, str, torch.dtype, torch.device, torch.Size, slice, type(Ellipsis))):
+        return False
+    return any(isinstance(t, torch.Tensor) for t in tree_leaves(v)) or any(
+        isinstance(x, torch.Tensor) for x in getattr(v, "__dict__", {}).values()
+    )
 
 
 def _unwrap(v: Any) -> Any:

@@ -43,6 +43,10 @@ class Solver:
             self.origin[a.id] = origin
         return a
 
+    def atoms_by_id(self, i: int) -> Atom:
+        """The atom with id ``i``."""
+        return self._atoms[i]
+
     def find(self, i: int) -> int:
         parent = self._parent
         root = i
@@ -119,8 +123,10 @@ class Solver:
             self._unify_structs(ha, hb, why)
 
     def _free_bcast(self, t: Term) -> Term:
-        """``t`` with broadcast leaves replaced by fresh atoms: refining an atom to ``t`` must not turn
-        "imposes nothing" (Bcast) into "identity only"."""
+        """``t`` with every broadcast leaf replaced by its own fresh atom: refining an atom to ``t`` must not
+        turn "imposes nothing" (Bcast) into "identity only", nor into "one permutation shared by every block"
+        (a Bcast object referenced by several blocks says nothing about sharing). Non-broadcast leaves keep
+        their identity, so shared inner permutations stay shared."""
         if not _has_bcast(t):
             return t
         if isinstance(t, Bcast):
@@ -128,13 +134,7 @@ class Solver:
         if isinstance(t, Concat):
             return concat([self._free_bcast(p) for p in t.parts])
         if isinstance(t, Product):
-            memo: dict[int, Term] = {}
-            inners = []
-            for x in t.inners:
-                if id(x) not in memo:
-                    memo[id(x)] = self._free_bcast(x)
-                inners.append(memo[id(x)])
-            return product(self._free_bcast(t.outer), inners)
+            return product(self._free_bcast(t.outer), [self._free_bcast(x) for x in t.inners])
         return t
 
     def _const_reason(self, h: Term) -> str | None:

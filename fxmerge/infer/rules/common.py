@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from fxmerge.infer.context import LETTERS, TV, Call, RuleContext
@@ -46,3 +47,14 @@ def first_tensor(call: Call) -> TV:
         if isinstance(v, TV):
             return v
     raise TypeError(f"{call.key}: no tensor argument")
+
+
+def output_used(call: Call, i: int) -> bool:
+    """Whether item ``i`` of a tuple result is read by the graph (``out[i]``, or the tuple used whole)."""
+    for user in call.node.users:
+        if user.target is operator.getitem and user.args[0] is call.node:
+            if user.args[1] == i:
+                return True
+            continue
+        return True
+    return False

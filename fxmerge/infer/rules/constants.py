@@ -12,12 +12,16 @@ from fxmerge.infer.context import TV, Call, RuleContext
 from fxmerge.infer.registry import rule, torch_forms
 from fxmerge.infer.rules.common import first_tensor, same_letters
 
+# Tensor arguments of these ops only give a shape, dtype or device: the result does not depend on their values.
 _CREATORS = (
-    "arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "randperm", "tensor", "as_tensor",
-    "linspace", "logspace", "eye", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
-    "randint_like", "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "scalar_tensor", "empty_strided",
-    "bernoulli", "multinomial", "normal", "tril_indices", "triu_indices", "_local_scalar_dense", "item",
-    "empty_permuted", "lift_fresh_copy_", "polar", "complex",
+    "arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "randperm", "linspace", "logspace",
+    "eye", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like",
+    "new_zeros", "new_ones", "new_full", "new_empty", "scalar_tensor", "empty_strided", "tril_indices",
+    "triu_indices", "empty_permuted",
+)  # fmt: skip
+# The result depends on the values of every tensor argument, and no axis correspondence is known: freeze them.
+_VALUE_CONSTANTS = (
+    "tensor", "as_tensor", "new_tensor", "multinomial", "_local_scalar_dense", "item", "lift_fresh_copy_",
 )  # fmt: skip
 
 _SHAPE_ONLY = (
@@ -31,7 +35,20 @@ _SHAPE_ONLY = (
 
 @rule(*torch_forms(*_CREATORS), key="constant")
 def constant(ctx: RuleContext, call: Call):
-    """A tensor built inside the graph carries no permutation: all axes fixed."""
+    """A tensor built inside the graph (from shapes, dtypes and devices only) carries no permutation."""
+    out = call.out
+    if isinstance(out, torch.Tensor):
+        return ctx.fixed(out.shape)
+    return None
+
+
+@rule(*torch_forms(*_VALUE_CONSTANTS), key="value_constant")
+def value_constant(ctx: RuleContext, call: Call):
+    """A result built from the *values* of tensor arguments (``torch.tensor(x)``, ``multinomial(p)``, ``x.item()``)
+    is treated as a constant, so the arguments it was read from are frozen: a fixed result of a permuted
+    input would not be a symmetry."""
+    for tv in call.tensors():
+        ctx.freeze(tv, f"{call.key} reads values into a constant")
     out = call.out
     if isinstance(out, torch.Tensor):
         return ctx.fixed(out.shape)

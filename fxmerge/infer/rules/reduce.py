@@ -7,7 +7,7 @@ from torch import nn
 
 from fxmerge.infer.context import LETTERS, Call, RuleContext
 from fxmerge.infer.registry import rule, torch_forms
-from fxmerge.infer.rules.common import dims_arg, first_tensor, same_letters
+from fxmerge.infer.rules.common import dims_arg, first_tensor, output_used, same_letters
 
 _REDUCTIONS = (
     "sum", "mean", "nansum", "nanmean", "amax", "amin", "prod", "all", "any", "var", "std", "logsumexp",
@@ -40,7 +40,7 @@ def reduce(ctx: RuleContext, call: Call):
     letters = LETTERS[: x.ndim]
     kept = "".join(c for i, c in enumerate(letters) if i not in red)
     result = []
-    for o in outs:
+    for i, o in enumerate(outs):
         if not isinstance(o, torch.Tensor):
             result.append(None)
             continue
@@ -49,7 +49,11 @@ def reduce(ctx: RuleContext, call: Call):
             ctx.freeze(x, f"{call.key} with an unexpected result shape")
             result.append(ctx.fixed(o.shape))
             continue
-        if not o.is_floating_point() and x.value.is_floating_point() and o.dtype == torch.int64:
+        is_index = not o.is_floating_point() and x.value.is_floating_point() and o.dtype == torch.int64
+        if is_index and isinstance(call.out, tuple) and not output_used(call, i):
+            result.append(ctx.fixed(o.shape))  # indices nobody reads (``x.max(dim).values``)
+            continue
+        if is_index:
             for d in red:  # argmax-style indices refer to positions along the reduced axes
                 ctx.freeze_axis(x, d, f"{call.key} returns indices along the axis")
         result.append(ctx.link([(x, letters)], out_letters, o.shape))
