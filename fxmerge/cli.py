@@ -3,8 +3,13 @@
 Output conventions shared by every command: ``--quiet`` (no progress bars, warnings or status lines; a command
 whose output is its result, such as ``inspect``, still prints it) and ``--json`` (exactly one JSON document on
 stdout, also on failure: ``{"ok": false, "error": ...}``). Both are accepted before the command
-(``fxmerge --json inspect ...``) or after it. Exit status: 0 success, 2 invalid input (config, arguments,
-model reference), 1 the work itself failed (merge, export, invariance check).
+(``fxmerge --json inspect ...``) or after it.
+
+Every failure of every command goes through one handler (:meth:`_Main.main`): one line ``error: ...`` on
+stderr, the JSON document on stdout with ``--json``, and the exit status: 2 for anything wrong with the user's
+input (arguments, config, paths, model and data references and what their code raises: every
+:class:`~fxmerge.errors.InputError`), 1 when the work itself fails (merge, export check, invariance), 130 on
+Ctrl-C and 143 on SIGTERM (staging folders are removed first).
 """
 
 from __future__ import annotations
@@ -12,17 +17,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
+import re
 import sys
+import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import click
 
-from fxmerge.errors import ConfigError, FxmergeError
-from fxmerge.models import load_model_spec, parse_shape
+from fxmerge.errors import FxmergeError, InputError
+from fxmerge.outputs import cli_names, terminate_raises
+
+EXIT_WORK, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+DEBUG_ENV = "FXMERGE_TRACEBACK"  # set to 1 to print the traceback of an unexpected error
 
 
 @dataclass(frozen=True)
@@ -45,16 +56,12 @@ class Output:
         """The command's result: ``obj`` as JSON with --json, else ``text``."""
         click.echo(json.dumps(obj, indent=1) if self.as_json else text)
 
-    def fail(self, exc: Exception) -> NoReturn:
-        click.echo(f"error: {exc}", err=True)
-        if self.as_json:
-            click.echo(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
-
     @contextlib.contextmanager
-    def working(self) -> Iterator[None]:
-        """Around the work: --quiet drops warnings; --json keeps stray prints off stdout."""
+    def working(self, names: Mapping[str, str] | None = None) -> Iterator[None]:
+        """Around the work: --quiet drops warnings; --json keeps stray prints off stdout; messages name the
+        command's flags (``names``: Python keyword -> flag) instead of the Python keywords."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(cli_names(names or {}))
             if self.quiet:
                 stack.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")
@@ -63,36 +70,80 @@ class Output:
             yield
 
 
+# ------------------------------------------------------------------------------------- the error surface
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed command, as reported: message, error type and exit status."""
+
+    message: str
+    error_type: str
+    status: int
+    details: list[str] = field(default_factory=list)
+
+
+def classify(exc: BaseException) -> Failure:
+    """The report of ``exc``: input errors exit 2, failed work 1, interruptions 130/143."""
+    if isinstance(exc, click.ClickException):
+        return Failure(exc.format_message(), "UsageError", EXIT_INPUT)
+    if isinstance(exc, (click.Abort, KeyboardInterrupt)):
+        return Failure("interrupted", "Interrupted", EXIT_INTERRUPTED)
+    if isinstance(exc, SystemExit):
+        return Failure("terminated", "Terminated", _exit_status(exc.code))
+    if isinstance(exc, FxmergeError):
+        return Failure(str(exc), type(exc).__name__, EXIT_INPUT if isinstance(exc, InputError) else EXIT_WORK)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return Failure(f"{exc.strerror or exc}{where}", type(exc).__name__, EXIT_WORK)
+    trace = traceback.format_exception(exc) if os.environ.get(DEBUG_ENV) else []
+    return Failure(f"internal error, please report it: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
+                   "traceback)", type(exc).__name__, EXIT_WORK, trace)  # fmt: skip
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: its lines joined with ``; `` (or a space after a colon)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def report_failure(failure: Failure, as_json: bool) -> int:
+    """Print ``failure`` (one stderr line; the JSON document on stdout with --json); returns the exit status."""
+    for chunk in failure.details:
+        click.echo(chunk, err=True, nl=False)
+    message = one_line(failure.message)
+    click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, "error_type": failure.error_type}))
+    return failure.status
+
+
+class _Main(click.Group):
+    """The root group and the one error handler of every command (see the module docstring)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            with terminate_raises():
+                result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            status = result if isinstance(result, int) else 0
+        except BaseException as exc:  # every failure is reported the same way
+            if isinstance(exc, SystemExit) and exc.code in (None, 0):
+                raise
+            status = report_failure(classify(exc), "--json" in argv)
+        if standalone_mode:
+            sys.exit(status)
+        return status
+
+
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--quiet/-q`` and ``--json`` to a command (they may also be given to ``fxmerge`` itself)."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(fn)
     return click.option("--quiet", "-q", is_flag=True, help="No progress bars, warnings or status lines.")(fn)
-
-
-def _output(quiet: bool, as_json: bool) -> Output:
-    root = click.get_current_context().find_root().obj or Output()
-    return Output(quiet or root.quiet, as_json or root.as_json)
-
-
-class _Main(click.Group):
-    """The root group: with --json anywhere on the command line, usage errors are a JSON document too."""
-
-    json_requested = False
-
-    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        self.json_requested = "--json" in argv
-        return super().main(argv, *rest, **kwargs)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            if not self.json_requested:
-                raise
-            exc.show()
-            click.echo(json.dumps({"ok": False, "error": exc.format_message(), "error_type": "UsageError"}))
-            sys.exit(exc.exit_code)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,35 +160,88 @@ def main(ctx: click.Context, quiet: bool, as_json: bool) -> None:
         sys.path.insert(0, os.getcwd())
 
 
+def command_output(quiet: bool, as_json: bool) -> Output:
+    """The output settings of the running command (its own flags or the root's)."""
+    root = click.get_current_context().find_root().obj or Output()
+    return Output(quiet or root.quiet, as_json or root.as_json)
+
+
+# --------------------------------------------------------------------------------- strict value types
+
+
+class Shape(click.ParamType):
+    """A tensor shape: positive integers separated by commas (or ``x``), e.g. ``1,3,64,64``."""
+
+    name = "SHAPE"
+    _TEXT = re.compile(r"\s*\d+(\s*[,x]\s*\d+)*\s*")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        if not self._TEXT.fullmatch(str(value)):
+            self.fail(f"{value!r} is not a shape: give positive integers separated by commas, e.g. 1,3,64,64",
+                      param, ctx)  # fmt: skip
+        dims = tuple(int(p) for p in re.split(r"[,x]", str(value).replace(" ", "")))
+        if any(d < 1 for d in dims):
+            self.fail(f"{value!r} is not a shape: every dimension must be >= 1", param, ctx)
+        return dims
+
+
+class Tolerance(click.ParamType):
+    """A finite number >= 0."""
+
+    name = "FLOAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} must be a finite number >= 0", param, ctx)
+        return number
+
+
+def _onnx_suffix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.endswith(".onnx"):
+        raise click.BadParameter(f"{value!r} must end in .onnx")
+    return value
+
+
 SHAPE_HELP = "Example input shape, e.g. 1,3,64,64 (default: from the model source)."
 FRONTENDS = click.Choice(["auto", "fx", "export"])
+EXPORT_NAMES = {"path": "--out", "dynamic_batch=False": "--no-dynamic-batch", "exporter": "--exporter",
+                "exporter='trace'": "--exporter trace", "check_data": "--check-data", "opset": "--opset",
+                "atol": "--atol", "rtol": "--rtol", "input_shape": "--input-shape"}  # fmt: skip
+MERGE_NAMES = {"out_dir": "--out", "overwrite=True": "--overwrite"}
+
+
+# ------------------------------------------------------------------------------------------- commands
 
 
 @main.command()
 @click.argument("model")
-@click.option("--input-shape", default=None, help=SHAPE_HELP)
+@click.option("--input-shape", type=Shape(), default=None, help=SHAPE_HELP)
 @click.option("--frontend", type=FRONTENDS, default="auto", show_default=True)
 @click.option("--strict/--no-strict", default=True, show_default=True, help="Fail on ops without a rule.")
 @click.option("--verify", is_flag=True, help="Also run the random-permutation invariance check.")
 @output_options
-def inspect(model: str, input_shape: str | None, frontend: str, strict: bool, verify: bool, quiet: bool,
+def inspect(model: str, input_shape: tuple[int, ...] | None, frontend: str, strict: bool, verify: bool, quiet: bool,
             as_json: bool) -> None:  # fmt: skip
     """Print the permutation groups and coverage report of MODEL.
 
     MODEL is ``torchvision:NAME``, ``timm:NAME``, ``hf:CONFIG_DIR_OR_JSON`` or ``package.module:callable``.
     With --json the spec is printed as JSON (plus ``invariance`` with --verify).
     """
+    from fxmerge.config.refs import build_model_and_inputs
     from fxmerge.infer.api import infer_groups
     from fxmerge.verify import verify_invariance
 
-    out = _output(quiet, as_json)
-    try:
-        with out.working():
-            m, inputs = load_model_spec(model, input_shape)
-            spec = infer_groups(m, inputs, frontend=frontend, strict=strict)
-            report = verify_invariance(m, spec, inputs) if verify else None
-    except FxmergeError as e:
-        out.fail(e)
+    out = command_output(quiet, as_json)
+    with out.working({"input_shape": "--input-shape"}):
+        m, inputs = build_model_and_inputs(model, input_shape, "MODEL")
+        spec = infer_groups(m, inputs, frontend=frontend, strict=strict)
+        report = verify_invariance(m, spec, inputs) if verify else None
     obj = json.loads(spec.to_json())
     text = str(spec)
     if report is not None:
@@ -149,23 +253,22 @@ def inspect(model: str, input_shape: str | None, frontend: str, strict: bool, ve
 
 @main.command()
 @click.argument("model")
-@click.option("--input-shape", default=None, help=SHAPE_HELP)
+@click.option("--input-shape", type=Shape(), default=None, help=SHAPE_HELP)
 @click.option("--frontend", type=FRONTENDS, default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @output_options
-def verify(model: str, input_shape: str | None, frontend: str, seed: int, quiet: bool, as_json: bool) -> None:
+def verify(model: str, input_shape: tuple[int, ...] | None, frontend: str, seed: int, quiet: bool,
+           as_json: bool) -> None:  # fmt: skip
     """Infer the groups of MODEL and check each one by random-permutation invariance (float64)."""
+    from fxmerge.config.refs import build_model_and_inputs
     from fxmerge.infer.api import infer_groups
     from fxmerge.verify import verify_invariance
 
-    out = _output(quiet, as_json)
-    try:
-        with out.working():
-            m, inputs = load_model_spec(model, input_shape)
-            spec = infer_groups(m, inputs, frontend=frontend)
-            report = verify_invariance(m, spec, inputs, seed=seed)
-    except FxmergeError as e:
-        out.fail(e)
+    out = command_output(quiet, as_json)
+    with out.working({"input_shape": "--input-shape"}):
+        m, inputs = build_model_and_inputs(model, input_shape, "MODEL")
+        spec = infer_groups(m, inputs, frontend=frontend)
+        report = verify_invariance(m, spec, inputs, seed=seed)
     worst = max(report.per_group.values(), default=0.0)
     out.result(
         f"ok: {len(spec)} groups invariant (max |diff| {worst:.3g}, all at once {report.joint:.3g})",
@@ -177,7 +280,8 @@ def verify(model: str, input_shape: str | None, frontend: str, seed: int, quiet:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder; created only when every output is complete.")  # fmt: skip
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it holds an earlier fxmerge output (never other files).")  # fmt: skip
 @output_options
 def merge(config: str, out_dir: str, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Merge the models described by the YAML file CONFIG into --out.
@@ -185,16 +289,13 @@ def merge(config: str, out_dir: str, overwrite: bool, quiet: bool, as_json: bool
     The config names the models (and checkpoints), the method and its options, the data, an optional
     evaluation function and the outputs (checkpoint, ONNX, report.json, plots); see docs/getting_started.md.
     It is validated completely before any work: an invalid config exits with status 2, naming the field,
-    and creates nothing.
+    and creates nothing. --out must not be, contain or lie inside an input (config, checkpoints, data).
     """
     from fxmerge.config import run_merge_config
 
-    out = _output(quiet, as_json)
-    try:
-        with out.working():
-            report = run_merge_config(config, out_dir, progress=out.progress, overwrite=overwrite, log=out.status)
-    except FxmergeError as e:
-        out.fail(e)
+    out = command_output(quiet, as_json)
+    with out.working(MERGE_NAMES):
+        report = run_merge_config(config, out_dir, progress=out.progress, overwrite=overwrite, log=out.status)
     if not out.quiet or out.as_json:
         out.result(_merge_summary(report, out_dir), {"ok": True, "out": os.path.abspath(out_dir), "report": report})
 
@@ -210,46 +311,57 @@ def _merge_summary(report: dict, out_dir: str) -> str:
         lines.append(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items() if v is not None))
     onnx = report.get("files", {}).get("onnx")
     if onnx:
-        lines.append(f"  onnx: max |ort - torch| {onnx['max_abs_diff']:.3g} ({onnx['exporter']}, opset {onnx['opset']})")
+        lines.append(f"  onnx: max |ort - torch| {onnx['max_abs_diff']:.3g} ({onnx['exporter']} exporter, "
+                     f"opset {onnx['opset']})")  # fmt: skip
     return "\n".join(lines)
 
 
 @main.command()
 @click.argument("source")
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--input-shape", default=None, help=SHAPE_HELP)
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), callback=_onnx_suffix,
+              help="The .onnx file to write (replaces only an earlier fxmerge export).")  # fmt: skip
+@click.option("--input-shape", type=Shape(), default=None, help=SHAPE_HELP)
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Weights to load into a model reference (.pt/.pth/.bin state dict or .safetensors).")  # fmt: skip
+@click.option("--exporter", type=click.Choice(["dynamo", "trace"]), default="dynamo", show_default=True,
+              help="dynamo: torch.export, refuses value-dependent control flow; trace: the TorchScript tracer, "
+                   "checked on --check-data and on inputs that take other branches.")  # fmt: skip
+@click.option("--check-data", default=None, metavar="MODULE:FN",
+              help="package.module:fn returning batches of your inputs; the file is checked on them too.")
 @click.option("--dynamic-batch/--no-dynamic-batch", default=True, show_default=True,
               help="Keep the batch dimension of inputs and outputs dynamic.")  # fmt: skip
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: torch's).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the check.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the check.")
+@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default: torch's).")
+@click.option("--atol", type=Tolerance(), default=1e-4, show_default=True, help="Absolute tolerance of the check.")
+@click.option("--rtol", type=Tolerance(), default=1e-3, show_default=True, help="Relative tolerance of the check.")
 @output_options
-def export(source: str, out_file: str, input_shape: str | None, checkpoint: str | None, dynamic_batch: bool,
-           opset: int | None, atol: float, rtol: float, quiet: bool, as_json: bool) -> None:  # fmt: skip
+def export(source: str, out_file: str, input_shape: tuple[int, ...] | None, checkpoint: str | None, exporter: str,
+           check_data: str | None, dynamic_batch: bool, opset: int | None, atol: float, rtol: float, quiet: bool,
+           as_json: bool) -> None:  # fmt: skip
     """Export SOURCE to ONNX and check it in onnxruntime against PyTorch.
 
     SOURCE is a model reference (as for inspect), an ``fxmerge merge`` output folder, or a ``.safetensors``
     file written by ``fxmerge.save_state`` (``.pt2`` programs too). The file is written only when the
-    check passes; the differences are printed. A failed export names the op and module that block it.
+    check passes; the differences are printed. A failed export names the op and module that block it, or
+    the source line of a branch on tensor values. --out must not be, or lie inside, an input.
     """
-    from fxmerge.config.refs import load_source
+    from fxmerge.config.data import callable_batches
+    from fxmerge.config.refs import load_source, source_inputs
+    from fxmerge.errors import ExportPathError
     from fxmerge.export import export_onnx
+    from fxmerge.outputs import check_disjoint
 
-    out = _output(quiet, as_json)
-    try:
-        with out.working():
-            model, inputs = load_source(source, parse_shape(input_shape), checkpoint)
-            out.status(f"exporting {source} to {out_file}")
-            rep = export_onnx(model, inputs, out_file, dynamic_batch=dynamic_batch, opset=opset, atol=atol, rtol=rtol)
-    except FxmergeError as e:
-        out.fail(e)
+    out = command_output(quiet, as_json)
+    with out.working(EXPORT_NAMES):
+        check_disjoint(out_file, source_inputs(source, checkpoint, check_data), ExportPathError, "path")
+        model, inputs = load_source(source, input_shape, checkpoint)
+        data = callable_batches(check_data, "--check-data") if check_data else None
+        out.status(f"exporting {source} to {out_file} ({exporter} exporter)")
+        rep = export_onnx(model, inputs, out_file, exporter=exporter, check_data=data, dynamic_batch=dynamic_batch,
+                          opset=opset, atol=atol, rtol=rtol)  # fmt: skip
     if not out.quiet or out.as_json:
-        text = (f"wrote {rep.path} ({rep.exporter}, opset {rep.opset}); onnxruntime vs torch on batch sizes "
-                f"{list(rep.checked_batch_sizes)}: max |diff| {rep.max_abs_diff:.3g}, max rel {rep.max_rel_diff:.3g}")
-        if rep.fallback_reason:
-            text += f"\n  note: {rep.fallback_reason}"
+        text = (f"wrote {rep.path} ({rep.exporter} exporter, opset {rep.opset}); onnxruntime vs torch on "
+                f"{len(rep.checks)} input sets, batch sizes {list(rep.checked_batch_sizes)}: max |diff| "
+                f"{rep.max_abs_diff:.3g}, max rel {rep.max_rel_diff:.3g}")  # fmt: skip
         out.result(text, {"ok": True, "source": source, **_jsonable(rep.to_dict())})
 
 
@@ -269,6 +381,7 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
 
 def _exit_status(code: object) -> int:
     """The process exit status ``sys.exit(code)`` would give (a message is printed to stderr)."""

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from fxmerge.config.refs import import_callable
+from fxmerge.config.refs import call_user, describe, import_callable
 from fxmerge.config.schema import DataConfig, DigitsData, ImageFolderData
-from fxmerge.errors import ConfigError
+from fxmerge.errors import ConfigError, FxmergeError, UserCodeError
 
 
 def build_data(cfg: DataConfig | None) -> Iterable[Any] | None:
@@ -57,34 +57,47 @@ def image_folder_loader(cfg: ImageFolderData) -> DataLoader:
 
 
 class _Reiterable:
-    """Iterates a user function's result; a one-shot iterator is replaced by a fresh call on the next pass."""
+    """Iterates a user function's result; a one-shot iterator is replaced by a fresh call on the next pass.
+    Whatever the user's code raises (the call, or producing a batch) is a UserCodeError naming ``field``."""
 
-    def __init__(self, fn: Callable[[], Any], ref: str) -> None:
-        self.fn, self.ref = fn, ref
-        self._first: Any = _call(fn, ref)
+    def __init__(self, fn: Callable[[], Any], ref: str, field: str) -> None:
+        self.fn, self.ref, self.field = fn, ref, field
+        self._first: Any = self._call()
 
     def __iter__(self) -> Iterator[Any]:
-        data, self._first = (self._first if self._first is not None else _call(self.fn, self.ref)), None
+        data, self._first = (self._first if self._first is not None else self._call()), None
         it = iter(data)
         if it is not data:  # re-iterable (a list, a DataLoader): keep it for the next pass
             self._first = data
-        return it
+        return self._guarded(it)
+
+    def _call(self) -> Any:
+        data = call_user(self.fn, self.ref, self.field)
+        if isinstance(data, (torch.Tensor, Mapping)):
+            return [data]  # a single batch
+        if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+            raise ConfigError(f"{self.field}: {self.ref}() returned a {type(data).__name__}, not an iterable of "
+                              "batches")  # fmt: skip
+        return data
+
+    def _guarded(self, it: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except FxmergeError:
+                raise
+            except Exception as exc:
+                raise UserCodeError(f"{self.field}: iterating {self.ref}() raised {describe(exc)}") from exc
+            yield batch
 
 
-def _call(fn: Callable[[], Any], ref: str) -> Any:
-    data = fn()
-    if isinstance(data, (torch.Tensor, Mapping)):
-        return [data]  # a single batch
-    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise ConfigError(f"data.callable: {ref}() returned a {type(data).__name__}, not an iterable of batches")
-    return data
-
-
-def callable_batches(ref: str) -> Iterable[Any]:
+def callable_batches(ref: str, field: str = "data.callable") -> Iterable[Any]:
     """The batches returned by ``ref`` (``package.module:fn``); fn is called again for each pass over a
-    one-shot iterator (a generator)."""
+    one-shot iterator (a generator). Errors name ``field``."""
     try:
         fn = import_callable(ref)
     except ValueError as exc:
-        raise ConfigError(f"data.callable: {exc}") from exc
-    return _Reiterable(fn, ref)
+        raise UserCodeError(f"{field}: {exc}") from exc
+    return _Reiterable(fn, ref, field)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxmerge.errors import ConfigError, ExportError
+from fxmerge.errors import ConfigError, ExportError, FxmergeError, UserCodeError
 from fxmerge.export import load_program, load_state, sidecar_path
 from fxmerge.export._tensors import check_compatible, match_float_dtype
 from fxmerge.models import load_model_spec
@@ -64,7 +66,8 @@ def _check_name(name: str, known: Sequence[str], source: str) -> None:
 
 
 def import_callable(ref: str) -> Callable[..., Any]:
-    """The callable named by ``package.module:attr``; raises ``ValueError`` with the reason."""
+    """The callable named by ``package.module:attr``; raises ``ValueError`` with the reason (also when importing
+    the module raises, e.g. a SyntaxError in it)."""
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{ref!r} must look like package.module:callable")
@@ -72,6 +75,8 @@ def import_callable(ref: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?") from exc
+    except Exception as exc:  # the module's own code failed: a SyntaxError, or anything it raises on import
+        raise ValueError(f"importing module {module_name!r} raised {describe(exc)}") from exc
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -87,17 +92,74 @@ def check_callable(ref: str) -> str:
     return ref
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message``, with the file and line of a SyntaxError."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_no_arguments(fn: Callable[..., Any], ref: str, field: str) -> None:
+    """A UserCodeError naming ``field`` unless ``fn`` (named by ``ref``) can be called without arguments."""
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as exc:
+        raise UserCodeError(f"{field}: {ref} cannot be called without arguments ({exc}); a reference must name a "
+                            "function that takes none: wrap yours in one") from exc  # fmt: skip
+    except ValueError:
+        pass  # no signature to inspect (a builtin): just call it
+
+
+def call_user(fn: Callable[[], Any], ref: str, field: str) -> Any:
+    """``fn()`` for the reference ``ref``: a callable that needs arguments, or raises, is a UserCodeError naming
+    ``field``."""
+    check_no_arguments(fn, ref, field)
+    try:
+        return fn()
+    except Exception as exc:
+        raise UserCodeError(f"{field}: {ref}() raised {describe(exc)}") from exc
+
+
+def module_file(ref: str) -> Path | None:
+    """The source file of the module a ``package.module:callable`` reference names (None if not found)."""
+    module_name, sep, _ = ref.partition(":")
+    if not sep or module_name in ("torchvision", "timm", "hf"):
+        return None
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
+
+
 def build_model(ref: str, input_shape: Sequence[int] | None = None) -> nn.Module:
     """The module of a model reference (random weights; eval mode). Used as a checkpoint constructor."""
     return load_model_spec(ref, tuple(input_shape) if input_shape else None)[0]
 
 
 def build_model_and_inputs(ref: str, input_shape: Sequence[int] | None, field: str) -> tuple[nn.Module, Any]:
-    """``(module, example inputs)`` of a reference; errors name ``field``."""
+    """``(module, example inputs)`` of a reference; errors name ``field``. A ``package.module:callable`` that
+    cannot be imported, needs arguments or raises is a :class:`~fxmerge.errors.UserCodeError`."""
+    shape = tuple(input_shape) if input_shape else None
+    if ref.partition(":")[0] not in ("torchvision", "timm", "hf") and ":" in ref:
+        _check_user_callable(ref, field)
     try:
-        return load_model_spec(ref, tuple(input_shape) if input_shape else None)
+        return load_model_spec(ref, shape)
     except ConfigError as exc:
         raise ConfigError(f"{field}: {exc}") from exc
+    except FxmergeError:
+        raise
+    except Exception as exc:  # the reference's own code raised
+        raise UserCodeError(f"{field}: building {ref} raised {describe(exc)}") from exc
+
+
+def _check_user_callable(ref: str, field: str) -> None:
+    try:
+        fn = import_callable(ref)
+    except ValueError as exc:
+        raise UserCodeError(f"{field}: {exc}") from exc
+    check_no_arguments(fn, ref, field)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, field: str) -> nn.Module:
@@ -215,6 +277,23 @@ def load_source(
     if checkpoint is not None:
         model = load_checkpoint(model, checkpoint, "--checkpoint")
     return model, inputs
+
+
+def source_inputs(source: str, checkpoint: str | None, *refs: str | None) -> list[tuple[str, Path]]:
+    """The files and folders ``fxmerge export`` reads: SOURCE (a folder, a file and its sidecar, or the module
+    of a reference), --checkpoint and the modules of further references."""
+    path = Path(source).expanduser()
+    found: list[tuple[str, Path]] = []
+    if path.exists():
+        found.append(("SOURCE", path))
+        if path.suffix == ".safetensors" and sidecar_path(path).exists():
+            found.append(("SOURCE's sidecar", sidecar_path(path)))
+    elif (module := module_file(source)) is not None:
+        found.append(("SOURCE's module", module))
+    if checkpoint is not None:
+        found.append(("--checkpoint", Path(checkpoint)))
+    found += [("the module of " + ref, m) for ref in refs if ref and (m := module_file(ref)) is not None]
+    return found
 
 
 def _no_checkpoint(checkpoint: str | Path | None, what: str) -> None:

@@ -1,20 +1,21 @@
 """Run a merge config end to end: build models and data, merge, evaluate, write the output folder atomically.
 
 :func:`run_merge_config` is what ``fxmerge merge CONFIG --out DIR`` calls. The config is validated completely
-before any work starts; every output is written into a hidden staging folder and moved to ``DIR`` only when all
-of them are complete, so a failure anywhere leaves no ``DIR`` (and an existing one untouched).
+before any work starts, and ``DIR`` is checked against every input (config, checkpoints, data, the modules of
+references). Every output is written into a locked hidden staging folder and moved to ``DIR`` with a manifest
+only when all of them are complete, so a failure anywhere leaves no ``DIR`` (and an existing one untouched);
+an existing ``DIR`` is replaced only when it holds nothing but an earlier fxmerge output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,23 @@ from fxmerge.config.refs import (
     PROGRAM_FILE,
     STATE_FILE,
     build_model_and_inputs,
+    describe,
     import_callable,
     load_checkpoint,
+    module_file,
 )
 from fxmerge.config.schema import MergeConfig, load_merge_config, parse_merge_config
-from fxmerge.errors import ConfigError, ExportError, MergeError
+from fxmerge.errors import ExportError, OutputPathError, UserCodeError
 from fxmerge.export import export_onnx, save_program, save_state
 from fxmerge.merge import MergeResult, merge
+from fxmerge.outputs import check_output_dir, existing_ancestor, publish_dir, staging
 
 CONSTRUCTOR = "fxmerge.config.refs:build_model"
 REPORT_FILE = "report.json"
 ONNX_FILE = "model.onnx"
 PLOTS_DIR = "plots"
 CKA_FILE = "cka.png"
+ONNX_CHECK_BATCHES = 4  # data batches the ONNX file is checked on, besides the examples
 
 Log = Callable[[str], None]
 
@@ -61,15 +66,20 @@ def run_merge_config(
 ) -> dict[str, Any]:
     """Run the merge ``config`` describes and write its outputs to ``out_dir``; returns the report dict.
 
-    ``config`` is a YAML path, a dict with the same shape, or a :class:`MergeConfig`. ``out_dir`` must not
-    exist, or be empty, unless ``overwrite``. ``progress`` shows progress bars; ``log`` receives one line per
-    stage. Raises :class:`~fxmerge.errors.ConfigError` (naming the field) before any work for an invalid
-    config, and other :class:`~fxmerge.errors.FxmergeError` subclasses when the merge or an output fails.
+    ``config`` is a YAML path, a dict with the same shape, or a :class:`MergeConfig`. ``out_dir`` must not be,
+    contain or lie inside an input, and must not exist, or be empty, unless ``overwrite`` (which replaces only
+    an earlier fxmerge output, never other files). ``progress`` shows progress bars; ``log`` receives one line
+    per stage. Raises :class:`~fxmerge.errors.InputError` subclasses before any work for an invalid config
+    (:class:`~fxmerge.errors.ConfigError`, naming the field) or output folder
+    (:class:`~fxmerge.errors.OutputPathError`), a :class:`~fxmerge.errors.UserCodeError` when code named by
+    the config raises, and other :class:`~fxmerge.errors.FxmergeError` subclasses when the merge or an output
+    fails.
     """
     say = log or (lambda _: None)
     started = time.perf_counter()
     cfg = as_config(config)
-    out = check_out_dir(out_dir, overwrite)
+    source = None if isinstance(config, (MergeConfig, Mapping)) else Path(config)
+    out = check_out_dir(out_dir, overwrite, config_inputs(cfg, source))
     with staging_folder(out) as stage:
         models, inputs = build_models(cfg, say)
         data = build_data(cfg.data)
@@ -83,7 +93,7 @@ def run_merge_config(
             files["checkpoint"] = write_checkpoint(stage, cfg, result, models, inputs)
         if cfg.outputs.onnx:
             say("exporting ONNX and checking it in onnxruntime")
-            files["onnx"] = write_onnx(stage, result.model, inputs, cfg.outputs.onnx_dynamic_batch)
+            files["onnx"] = write_onnx(stage, cfg, result.model, inputs, data)
         if cfg.outputs.plots:
             say("drawing plots")
             files["plots"] = write_plots(stage, result, metrics, cfg.outputs.max_heatmaps)
@@ -121,7 +131,10 @@ def build_models(cfg: MergeConfig, say: Log) -> tuple[list[nn.Module], Any]:
 
 def evaluate_models(ref: str, parents: Sequence[nn.Module], merged: nn.Module, say: Log) -> dict[str, dict[str, float]]:
     """``{"models[0]": {...}, ..., "merged": {...}}`` from the ``evaluate:`` function."""
-    fn = import_callable(ref)
+    try:
+        fn = import_callable(ref)
+    except ValueError as exc:
+        raise UserCodeError(f"evaluate: {exc}") from exc
     named = [*((f"models[{i}]", m) for i, m in enumerate(parents)), ("merged", merged)]
     out = {}
     for name, model in named:
@@ -134,13 +147,13 @@ def _metrics(fn: Callable[[nn.Module], Any], ref: str, model: nn.Module, name: s
     try:
         values = fn(model)
     except Exception as exc:
-        raise MergeError(f"evaluate: {ref}({name}) failed: {type(exc).__name__}: {exc}") from exc
+        raise UserCodeError(f"evaluate: {ref}({name}) raised {describe(exc)}") from exc
     if not isinstance(values, Mapping):
-        raise MergeError(f"evaluate: {ref}() returned a {type(values).__name__}; return a dict of metric -> float")
+        raise UserCodeError(f"evaluate: {ref}() returned a {type(values).__name__}; return a dict of metric -> float")
     try:
         return {str(k): float(v) for k, v in values.items()}
     except (TypeError, ValueError) as exc:
-        raise MergeError(f"evaluate: {ref}() returned a non-numeric metric ({exc}); return metric -> float") from exc
+        raise UserCodeError(f"evaluate: {ref}() returned a non-numeric metric ({exc}); return metric -> float") from exc
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -171,11 +184,14 @@ def _same_layout(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def write_onnx(stage: Path, model: nn.Module, inputs: Any, dynamic_batch: bool) -> dict:
-    rep = export_onnx(model, inputs, stage / ONNX_FILE, dynamic_batch=dynamic_batch)
+def write_onnx(stage: Path, cfg: MergeConfig, model: nn.Module, inputs: Any, data: Iterable[Any] | None) -> dict:
+    """``model.onnx`` with the configured exporter, checked also on the first batches of ``data:``."""
+    checks = list(itertools.islice(iter(data), ONNX_CHECK_BATCHES)) if data is not None else None
+    rep = export_onnx(model, inputs, stage / ONNX_FILE, exporter=cfg.outputs.onnx_exporter, check_data=checks,
+                      dynamic_batch=cfg.outputs.onnx_dynamic_batch)  # fmt: skip
     return {"file": ONNX_FILE, "exporter": rep.exporter, "opset": rep.opset, "max_abs_diff": rep.max_abs_diff,
             "max_rel_diff": rep.max_rel_diff, "checked_batch_sizes": list(rep.checked_batch_sizes),
-            "dynamic_batch": rep.dynamic_batch, "fallback_reason": rep.fallback_reason,
+            "checks": [c.label for c in rep.checks], "dynamic_batch": rep.dynamic_batch,
             "warnings": list(rep.warnings)}  # fmt: skip
 
 
@@ -226,62 +242,39 @@ def jsonable(obj: Any, strip: str | None = None) -> Any:
 # ------------------------------------------------------------------------------------ the out folder
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """The absolute output folder; refuses a file, or a non-empty folder without ``overwrite``."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"out: {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    anchor = _existing_ancestor(out)
-    if not os.access(anchor, os.W_OK):
-        raise ConfigError(f"out: cannot create {out}: {anchor} is not writable")
-    return out
+def config_inputs(cfg: MergeConfig, source: Path | None = None) -> list[tuple[str, Path]]:
+    """Every file and folder the config reads: the YAML file, checkpoints, ``hf:`` configs, the image folder
+    and the modules of ``package.module:callable`` references (models, data, evaluate)."""
+    found = [("config", source)] if source is not None else []
+    for i, entry in enumerate(cfg.models):
+        if entry.checkpoint is not None:
+            found.append((f"models[{i}].checkpoint", Path(entry.checkpoint)))
+        kind, _, rest = entry.model.partition(":")
+        if kind == "hf":
+            found.append((f"models[{i}].model", Path(rest)))
+    if cfg.data is not None and cfg.data.image_folder is not None:
+        found.append(("data.image_folder.path", Path(cfg.data.image_folder.path)))
+    refs = [(f"models[{i}].model", e.model) for i, e in enumerate(cfg.models)]
+    refs += [("data.callable", cfg.data.callable)] if cfg.data is not None and cfg.data.callable else []
+    refs += [("evaluate", cfg.evaluate)] if cfg.evaluate else []
+    found += [(f"{label} (module)", m) for label, ref in refs if (m := module_file(ref)) is not None]
+    return found
 
 
-def _existing_ancestor(path: Path) -> Path:
-    for parent in path.parents:
-        if parent.is_dir():
-            return parent
-    raise ConfigError(f"out: no existing folder above {path}")
+def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> Path:
+    """The absolute output folder; refuses an overlap with ``inputs``, a file, a non-empty folder without
+    ``overwrite``, and a folder holding anything but an earlier fxmerge output."""
+    return check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, error=OutputPathError, keyword="out_dir")
 
 
 @contextlib.contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """A hidden temporary folder on ``out``'s file system (in its nearest existing ancestor), removed on exit."""
-    anchor = _existing_ancestor(out)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=anchor))
-    except OSError as exc:
-        raise ConfigError(f"out: cannot write under {anchor}: {exc.strerror or exc}") from exc
-    try:
+    """A locked hidden staging folder on ``out``'s file system (in its nearest existing ancestor), removed on
+    exit (SIGTERM included); staging folders of dead runs into the same place are removed first."""
+    with staging(existing_ancestor(out, OutputPathError), out.name, OutputPathError) as stage:
         yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _share(stage: Path) -> None:
-    """Give the staged tree the permissions the umask allows (mkdtemp/mkstemp made them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [stage, *stage.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def publish_folder(stage: Path, out: Path) -> None:
-    """Move ``stage`` to ``out``, replacing an existing ``out`` (checked by :func:`check_out_dir`)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _share(stage)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "previous")
-    try:
-        os.replace(stage, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / "previous", out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    """Move ``stage`` to ``out`` with its manifest, replacing an earlier fxmerge output there."""
+    publish_dir(stage, out, OutputPathError, "out_dir")

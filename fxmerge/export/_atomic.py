@@ -1,43 +1,46 @@
-"""Atomic output: everything is written into a hidden staging folder next to the target, checked there, and
-moved into place with :func:`os.replace` only when complete. A failure leaves no partial file behind and an
-existing file at the target untouched."""
+"""Atomic output: everything is written into a locked hidden staging folder next to the target, checked there,
+and moved into place with :func:`os.replace` only when complete. A failure (or Ctrl-C, or SIGTERM) leaves no
+partial file behind and an existing file at the target untouched; an existing file is replaced only when
+fxmerge wrote it (see :mod:`fxmerge.outputs`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fxmerge.errors import ExportError
+from fxmerge.errors import ExportPathError
+from fxmerge.outputs import check_file_replaceable, name, staging
 
 
 def resolve_target(path: str | os.PathLike[str], suffixes: tuple[str, ...] = ()) -> Path:
-    """The absolute output path; creates its parent folder and rejects a folder or a wrong suffix."""
+    """The absolute output path; rejects a folder or a wrong suffix and creates the parent folder."""
     target = Path(path).expanduser().absolute()
     if target.is_dir():
-        raise ExportError(
-            f"output path {target} is a directory; give a file path such as {target / 'model'}."
+        raise ExportPathError(
+            f"{name('path')} {target} is a directory; give a file path such as {target / 'model'}{suffixes[0] if suffixes else ''}."
         )
     if suffixes and target.suffix not in suffixes:
-        raise ExportError(f"output path {target} should end in {' or '.join(suffixes)}.")
+        raise ExportPathError(f"{name('path')} {target} should end in {' or '.join(suffixes)}.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ExportError(f"cannot create the output folder {target.parent}: {exc}") from exc
+        raise ExportPathError(f"cannot create the output folder {target.parent}: {exc.strerror or exc}") from exc
     return target
+
+
+def check_replaceable(targets: dict[Path, Callable[[Path], bool]]) -> None:
+    """Refuse to go on when one of ``targets`` exists and its ownership test does not recognise it."""
+    for target, owned in targets.items():
+        check_file_replaceable(target, owned, ExportPathError)
 
 
 @contextlib.contextmanager
 def staging_dir(target: Path) -> Iterator[Path]:
-    """A temporary folder in ``target``'s folder (same file system), removed on exit whatever happens."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    """A locked staging folder in ``target``'s folder (same file system), removed on exit whatever happens."""
+    with staging(target.parent, target.name, ExportPathError) as stage:
         yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def publish(stage: Path, main: Path, destinations: dict[str, Path]) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fxmerge.outputs import name
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _OP_PATTERNS = (
     re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'"),
@@ -97,10 +99,12 @@ def hint_for(texts: Sequence[str], op: str | None) -> str:
             "torch.where / torch.cond, or make it depend on shapes only."
         )
     if "Constraints violated" in joined or "specializ" in joined:
-        return "the model fixes the batch size; pass dynamic_batch=False or remove the batch-size dependence."
+        return (
+            f"the model fixes the batch size; pass {name('dynamic_batch=False')} or remove the batch-size dependence."
+        )
     if op is not None:
         return (
-            f"replace {op} in that module with ops that ONNX supports, try another opset (opset=...), or keep "
+            f"replace {op} in that module with ops that ONNX supports, try another opset ({name('opset')}), or keep "
             "the model in PyTorch form with fxmerge.export.save_program / save_state."
         )
     return (

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fxmerge.errors import ExportError
+from fxmerge.errors import ExportInputError
 from fxmerge.export._inputs import ExampleInputs
 
 OutputPath = tuple[str | int, ...]
@@ -72,12 +72,12 @@ def reference_outputs(
         with torch.no_grad():
             flat = flatten_outputs(flat_model.model(*args, **kwargs))
     except Exception as exc:
-        raise ExportError(
+        raise ExportInputError(
             f"{type(flat_model.model).__name__} failed on the given inputs ({type(exc).__name__}: {exc}). "
             "Check that example_inputs match the model's forward signature."
         ) from exc
     if not flat:
-        raise ExportError(
+        raise ExportInputError(
             f"{type(flat_model.model).__name__} returns no tensor, so there is nothing to export."
         )
     return flat

@@ -1,9 +1,16 @@
-"""Verified ONNX export: write atomically, run the ONNX checker, compare onnxruntime against PyTorch."""
+"""Verified ONNX export: write atomically, run the ONNX checker, compare onnxruntime against PyTorch.
+
+A file is written only when it is shown to compute the model's function: the default exporter captures the
+graph symbolically (``torch.export``) and refuses models whose control flow depends on input values; the
+tracer (``exporter="trace"``, an explicit opt-in) is checked on the user's data and on inputs built to take
+other branches (sign flips, scale changes, zeros, another batch size).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,27 +20,31 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fxmerge.errors import ExportError
-from fxmerge.export._atomic import publish, resolve_target, staging_dir
+from fxmerge.errors import ExportError, ExportInputError
+from fxmerge.export._atomic import check_replaceable, publish, resolve_target, staging_dir
 from fxmerge.export._compare import CheckResult, compare_outputs
 from fxmerge.export._flat import FlatModule, output_name, reference_outputs
 from fxmerge.export._inputs import (
+    Case,
     ExampleInputs,
+    branch_cases,
+    data_cases,
     eval_copy,
     other_batch_size,
     parse_example_inputs,
     random_inputs,
     unique_names,
 )
-from fxmerge.export._onnx_writer import WriteResult, WriteSpec, write_onnx
+from fxmerge.export._onnx_writer import EXPORTERS, WriteResult, WriteSpec, is_fxmerge_onnx, write_onnx
+from fxmerge.outputs import name
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_onnx` wrote and how closely onnxruntime reproduced PyTorch.
+    """What :func:`export_onnx` wrote, with which exporter, and how closely onnxruntime reproduced PyTorch.
 
     ``max_abs_diff`` / ``max_rel_diff`` are the worst over all checks (see :mod:`fxmerge.export._compare`
-    for the definitions); ``checks`` holds one entry per compared batch.
+    for the definitions); ``checks`` holds one entry per compared set of inputs.
     """
 
     path: Path
@@ -48,7 +59,6 @@ class ExportReport:
     rtol: float
     dynamic_batch: bool
     checks: tuple[CheckResult, ...]
-    fallback_reason: str | None = None
     warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
@@ -58,63 +68,115 @@ class ExportReport:
         return data
 
 
+@dataclass(frozen=True)
+class CheckPlan:
+    """How the written file is checked: tolerances, random batches, the user's data."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    n_random: int = 1
+    seed: int = 0
+    data: Iterable[object] | None = None
+    max_data_batches: int = 8
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: object,
     path: str | os.PathLike[str],
     *,
+    exporter: str = "dynamo",
+    check_data: Iterable[object] | None = None,
     dynamic_batch: bool = True,
     opset: int | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-3,
     n_random_checks: int = 1,
+    max_check_batches: int = 8,
     seed: int = 0,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and verify it in onnxruntime against PyTorch.
 
-    A deep copy of the model in eval mode is exported (dynamo exporter first, TorchScript exporter as
-    fallback), the file is checked with ``onnx.checker`` and run with the CPU execution provider on the
-    example inputs and on ``n_random_checks`` fresh random batches (same dtype and value range; another batch
-    size when ``dynamic_batch``). The file appears at ``path`` only when every check passes.
+    A deep copy of the model in eval mode is exported with ``exporter``:
+
+    * ``"dynamo"`` (default): ``torch.export`` captures the graph for every input. A model it cannot capture
+      is refused with the reason; a branch on tensor values is named with its source line.
+    * ``"trace"``: the TorchScript tracer, which bakes in the branches the example inputs take. Use it only
+      when you know the model has no value-dependent control flow (or only branches your inputs never leave):
+      the file is additionally checked on sign-flipped, scaled and all-zero example inputs.
+
+    The file is checked with ``onnx.checker`` and run with the CPU execution provider on the example inputs,
+    on ``n_random_checks`` fresh random batches (same dtype and value range; another batch size when
+    ``dynamic_batch``) and on up to ``max_check_batches`` batches of ``check_data`` (the inputs you will feed
+    it). It appears at ``path`` only when every check passes, and replaces an existing file there only when
+    fxmerge wrote that one.
 
     Args:
         model: the module to export; it is never modified.
         example_inputs: a tensor, a tuple of tensors, or a tuple whose last element is a dict of keyword tensors.
         path: output ``.onnx`` file; missing parent folders are created.
+        exporter: ``"dynamo"`` or ``"trace"`` (see above); the report says which produced the file.
+        check_data: an iterable of input batches (like ``example_inputs``, or ``(inputs, labels)`` pairs).
         dynamic_batch: make dim 0 of every input whose dim 0 equals the example batch size dynamic.
         opset: ONNX opset to target (torch's default when None).
         atol, rtol: an element passes when ``|ort - torch| <= atol + rtol * |torch|``.
         n_random_checks: number of random batches compared in addition to the examples.
+        max_check_batches: at most this many batches of ``check_data`` are compared.
         seed: seed of the torch.Generator drawing the random batches.
 
     Raises:
-        ExportError: the model cannot be exported (names the blocking op and module), the ONNX checker or
-            onnxruntime rejects the file, or the outputs differ beyond tolerance (``.max_abs_diff`` and
-            ``.max_rel_diff`` set).
+        ExportInputError: an argument is invalid, or ``path`` is unusable (:class:`~fxmerge.errors.ExportPathError`).
+        ExportError: the exporter cannot capture the model (names the reason, op, module or source line), the
+            ONNX checker or onnxruntime rejects the file, or the outputs differ beyond tolerance
+            (``.max_abs_diff`` and ``.max_rel_diff`` set).
     """
-    _validate_options(atol, rtol, n_random_checks, opset)
+    plan = CheckPlan(atol, rtol, n_random_checks, seed, check_data, max_check_batches)
+    _validate_options(plan, opset, exporter)
     target = resolve_target(path, (".onnx",))
+    check_replaceable({target: is_fxmerge_onnx})
     inputs = parse_example_inputs(model, example_inputs)
     flat_model = FlatModule(eval_copy(model), inputs).eval()
     spec = _write_spec(flat_model, inputs, dynamic_batch, opset)
+    cases = _cases(flat_model, inputs, plan, dynamic_batch, exporter)
     with staging_dir(target) as stage:
         staged = stage / target.name
-        written = write_onnx(spec, staged)
+        written = write_onnx(spec, staged, exporter)
         _check_model(staged)
-        checks = _run_checks(staged, spec, inputs, n_random_checks, seed, atol, rtol, dynamic_batch)
-        _raise_on_mismatch(checks, atol, rtol, written)
+        checks = _run_checks(staged, spec, cases, plan)
+        _raise_on_mismatch(checks, plan, written)
         opset_used = _opset_of(staged)
+        check_replaceable({target.parent / p.name: lambda _: is_fxmerge_onnx(target) for p in stage.iterdir()})
         publish(stage, staged, {target.name: target})
-    return _report(target, spec, written, checks, opset_used, atol, rtol, dynamic_batch)
+    return _report(target, spec, written, checks, opset_used, plan, dynamic_batch)
 
 
-def _validate_options(atol: float, rtol: float, n_random_checks: int, opset: int | None) -> None:
-    if atol < 0 or rtol < 0:
-        raise ExportError(f"atol and rtol must be >= 0; got atol={atol}, rtol={rtol}.")
-    if isinstance(n_random_checks, bool) or not isinstance(n_random_checks, int) or n_random_checks < 0:
-        raise ExportError(f"n_random_checks must be an integer >= 0; got {n_random_checks!r}.")
+def _validate_options(plan: CheckPlan, opset: int | None, exporter: str) -> None:
+    if exporter not in EXPORTERS:
+        raise ExportInputError(f"{name('exporter')} must be one of {', '.join(map(repr, EXPORTERS))}; got {exporter!r}.")
+    for key, value in (("atol", plan.atol), ("rtol", plan.rtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ExportInputError(f"{name(key)} must be a number >= 0; got {value!r}.")
+    for key, value, low in (("n_random_checks", plan.n_random, 0), ("max_check_batches", plan.max_data_batches, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ExportInputError(f"{name(key)} must be an integer >= {low}; got {value!r}.")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
-        raise ExportError(f"opset must be None or an ONNX opset number such as 18; got {opset!r}.")
+        raise ExportInputError(f"{name('opset')} must be None or an ONNX opset number such as 18; got {opset!r}.")
+
+
+def _cases(flat_model: FlatModule, inputs: ExampleInputs, plan: CheckPlan, dynamic_batch: bool,
+           exporter: str) -> list[Case]:  # fmt: skip
+    """Every set of inputs the file is checked on: examples, random batches, the user's data and, for the
+    tracer, inputs that take other branches."""
+    batch = inputs.batch_size()
+    other = other_batch_size(batch) if dynamic_batch and batch is not None else batch
+    generator = torch.Generator().manual_seed(plan.seed)
+    cases = [Case("example inputs", inputs.tensors, batch)]
+    cases += [Case(f"random inputs #{k + 1}", random_inputs(inputs, other, generator), other)
+              for k in range(plan.n_random)]  # fmt: skip
+    cases += data_cases(flat_model.model, plan.data, inputs, dynamic_batch, plan.max_data_batches)
+    if exporter == "trace":
+        cases += branch_cases(inputs, other)
+    return cases
 
 
 def _write_spec(
@@ -122,9 +184,9 @@ def _write_spec(
 ) -> WriteSpec:
     batch = inputs.batch_size()
     if dynamic_batch and batch is None:
-        raise ExportError(
+        raise ExportInputError(
             "dynamic_batch=True needs an input with a batch dimension (dim 0), but every example input is a "
-            "scalar; pass dynamic_batch=False."
+            f"scalar; pass {name('dynamic_batch=False')}."
         )
     outputs = reference_outputs(flat_model, inputs.tensors)
     input_batched = inputs.batch_flags() if dynamic_batch else tuple(False for _ in inputs.tensors)
@@ -148,32 +210,14 @@ def _check_model(staged: Path) -> None:
         raise ExportError(f"the exported file fails onnx.checker: {exc}") from exc
 
 
-def _run_checks(
-    staged: Path,
-    spec: WriteSpec,
-    inputs: ExampleInputs,
-    n_random: int,
-    seed: int,
-    atol: float,
-    rtol: float,
-    dynamic_batch: bool,
-) -> tuple[CheckResult, ...]:
+def _run_checks(staged: Path, spec: WriteSpec, cases: list[Case], plan: CheckPlan) -> tuple[CheckResult, ...]:
     session = _session(staged)
-    batch = inputs.batch_size()
-    random_batch = other_batch_size(batch) if dynamic_batch and batch is not None else batch
-    generator = torch.Generator().manual_seed(seed)
-    cases = [("example inputs", inputs.tensors, batch)]
-    cases += [
-        (f"random inputs #{k + 1}", random_inputs(inputs, random_batch, generator), random_batch)
-        for k in range(n_random)
-    ]
     results = []
-    for label, tensors, size in cases:
-        want = [t for _, t in reference_outputs(spec.module, tensors)]
-        got = _run_session(session, spec, tensors, label)
-        results.append(
-            compare_outputs(spec.output_names, got, want, atol=atol, rtol=rtol, label=label, batch_size=size)
-        )
+    for case in cases:
+        want = [t for _, t in reference_outputs(spec.module, case.tensors)]
+        got = _run_session(session, spec, case.tensors, case.label)
+        results.append(compare_outputs(spec.output_names, got, want, atol=plan.atol, rtol=plan.rtol,
+                                       label=case.label, batch_size=case.batch_size))  # fmt: skip
     return tuple(results)
 
 
@@ -189,12 +233,12 @@ def _run_session(
 ) -> list[np.ndarray]:
     available = dict(zip(spec.input_names, tensors, strict=True))
     wanted = [i.name for i in session.get_inputs()]
-    unknown = [name for name in wanted if name not in available]
+    unknown = [key for key in wanted if key not in available]
     if unknown:
         raise ExportError(
             f"the exported model expects inputs {unknown} that fxmerge did not name; got {list(available)}."
         )
-    feed = {name: _to_numpy(available[name], name) for name in wanted}
+    feed = {key: _to_numpy(available[key], key) for key in wanted}
     names = [o.name for o in session.get_outputs()]
     order = spec.output_names if set(names) == set(spec.output_names) else None
     try:
@@ -202,15 +246,15 @@ def _run_session(
     except Exception as exc:
         raise ExportError(
             f"onnxruntime failed on the {label} (batch {_batch_of(tensors)}): {exc}. If the example batch works "
-            "and another does not, the export fixed the batch size: pass dynamic_batch=False."
+            f"and another does not, the export fixed the batch size: pass {name('dynamic_batch=False')}."
         ) from exc
     return list(outputs)
 
 
-def _to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
+def _to_numpy(tensor: torch.Tensor, label: str) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
-        raise ExportError(
-            f"input {name!r} is bfloat16, which numpy/onnxruntime cannot feed; use float32 or float16."
+        raise ExportInputError(
+            f"input {label!r} is bfloat16, which numpy/onnxruntime cannot feed; use float32 or float16."
         )
     return tensor.detach().to("cpu").contiguous().numpy()
 
@@ -219,9 +263,7 @@ def _batch_of(tensors: tuple[torch.Tensor, ...]) -> int | None:
     return next((int(t.shape[0]) for t in tensors if t.dim() >= 1), None)
 
 
-def _raise_on_mismatch(
-    checks: tuple[CheckResult, ...], atol: float, rtol: float, written: WriteResult
-) -> None:
+def _raise_on_mismatch(checks: tuple[CheckResult, ...], plan: CheckPlan, written: WriteResult) -> None:
     failed = [c for c in checks if not c.passed]
     if not failed:
         return
@@ -230,12 +272,15 @@ def _raise_on_mismatch(
         f"max rel diff {c.max_rel_diff:.3g}"
         for c in failed
     )
-    tracer = f" Tracer warnings: {' | '.join(written.warnings)}" if written.warnings else ""
-    if written.fallback_reason:
-        tracer = f" The dynamo exporter failed ({written.fallback_reason}), so the TorchScript exporter was used.{tracer}"
+    note = ""
+    if written.exporter == "trace":
+        note = (" The traced graph holds only the branches the example inputs took; the model's control flow "
+                "depends on input values, so this file would compute another function.")  # fmt: skip
+        if written.warnings:
+            note += f" Tracer warnings: {' | '.join(written.warnings)}"
     raise ExportError(
-        f"onnxruntime disagrees with PyTorch beyond atol={atol:g}, rtol={rtol:g} ({written.exporter} exporter): "
-        f"{details}. No file was written.{tracer}",
+        f"onnxruntime disagrees with PyTorch beyond atol={plan.atol:g}, rtol={plan.rtol:g} ({written.exporter} "
+        f"exporter): {details}. No file was written.{note}",
         max_abs_diff=max(c.max_abs_diff for c in failed),
         max_rel_diff=max(c.max_rel_diff for c in failed),
     )
@@ -246,16 +291,8 @@ def _opset_of(staged: Path) -> int:
     return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _report(
-    target: Path,
-    spec: WriteSpec,
-    written: WriteResult,
-    checks: tuple[CheckResult, ...],
-    opset: int,
-    atol: float,
-    rtol: float,
-    dynamic_batch: bool,
-) -> ExportReport:
+def _report(target: Path, spec: WriteSpec, written: WriteResult, checks: tuple[CheckResult, ...], opset: int,
+            plan: CheckPlan, dynamic_batch: bool) -> ExportReport:  # fmt: skip
     sizes = tuple(dict.fromkeys(c.batch_size for c in checks if c.batch_size is not None))
     return ExportReport(
         path=target,
@@ -266,10 +303,9 @@ def _report(
         checked_batch_sizes=sizes,
         max_abs_diff=max(c.max_abs_diff for c in checks),
         max_rel_diff=max(c.max_rel_diff for c in checks),
-        atol=atol,
-        rtol=rtol,
+        atol=plan.atol,
+        rtol=plan.rtol,
         dynamic_batch=dynamic_batch,
         checks=checks,
-        fallback_reason=written.fallback_reason,
         warnings=written.warnings,
     )

@@ -1,18 +1,31 @@
-"""Writing an ONNX file with torch's exporters: the dynamo exporter first, the TorchScript exporter as fallback."""
+"""Writing an ONNX file with one of torch's exporters, chosen by the caller; nothing falls back silently.
+
+* ``"dynamo"`` (default): ``torch.export`` captures the graph symbolically. When it cannot (data-dependent
+  control flow, an op without translation) the export fails with the reason and the blamed source line.
+* ``"trace"``: the TorchScript tracer records the ops the example inputs run through, so a value-dependent
+  branch is baked in; :mod:`fxmerge.export._onnx` then checks the file on inputs that take other branches.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 
 from fxmerge.errors import ExportError
 from fxmerge.export import _diagnose
 from fxmerge.export._flat import FlatModule
+from fxmerge.outputs import name
 
+EXPORTERS = ("dynamo", "trace")
+TRACE_KEYWORD = "exporter='trace'"
+MARK_KEY = "fxmerge"  # ONNX metadata_props entry naming the exporter: marks the file as written by fxmerge
 _EXTERNAL_DATA_BYTES = (
     1_500_000_000  # protobuf caps a single ONNX file at 2 GB: larger weights go to a side file
 )
@@ -33,34 +46,60 @@ class WriteSpec:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """Which exporter produced the file, why the first one was skipped, and tracer warnings worth reading."""
+    """Which exporter produced the file and the tracer warnings worth reading."""
 
     exporter: str
-    fallback_reason: str | None
     warnings: tuple[str, ...]
 
 
-def write_onnx(spec: WriteSpec, staged: Path) -> WriteResult:
-    """Export ``spec`` to ``staged``; on failure of both exporters raise an ExportError naming the blocker."""
+def write_onnx(spec: WriteSpec, staged: Path, exporter: str) -> WriteResult:
+    """Export ``spec`` to ``staged`` with ``exporter``, marked as fxmerge's; raise an ExportError naming the
+    blocker when the exporter fails."""
+    result = _write_dynamo(spec, staged) if exporter == "dynamo" else _write_trace(spec, staged)
+    _mark(staged, exporter)
+    return result
+
+
+def is_fxmerge_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file written by fxmerge (carries the metadata entry :data:`MARK_KEY`)."""
     try:
-        with warnings.catch_warnings():
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(p.key == MARK_KEY for p in proto.metadata_props)
+
+
+def _mark(staged: Path, exporter: str) -> None:
+    proto = onnx.load(str(staged), load_external_data=False)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = MARK_KEY, exporter
+    onnx.save(proto, str(staged))
+
+
+def _write_dynamo(spec: WriteSpec, staged: Path) -> WriteResult:
+    chatter = io.StringIO()  # torch.export prints the partial graph to stderr when it fails
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
             warnings.simplefilter("ignore")
             _export_dynamo(spec, staged)
-        return WriteResult("dynamo", None, ())
-    except Exception as dynamo_exc:
+    except Exception as exc:
         _remove_partial(staged)
-        first_error = dynamo_exc
+        raise _dynamo_failure(spec, exc) from exc
+    return WriteResult("dynamo", ())
+
+
+def _write_trace(spec: WriteSpec, staged: Path) -> WriteResult:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _export_torchscript(spec, staged)
-    except Exception as script_exc:
+    except Exception as exc:
         _remove_partial(staged)
-        raise _export_failure(spec, first_error, script_exc) from script_exc
+        raise _trace_failure(spec, exc) from exc
     tracer = tuple(
         dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning))
     )
-    return WriteResult("torchscript", _diagnose.summary(first_error), tracer)
+    return WriteResult("trace", tracer)
 
 
 def _export_dynamo(spec: WriteSpec, staged: Path) -> None:
@@ -111,8 +150,34 @@ def _remove_partial(staged: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _export_failure(spec: WriteSpec, dynamo_exc: BaseException, script_exc: BaseException) -> ExportError:
-    texts = [str(dynamo_exc), str(script_exc)]
+def is_data_dependent(texts: Sequence[str]) -> bool:
+    """Whether an exporter error is torch.export refusing value-dependent control flow."""
+    joined = _diagnose.clean("\n".join(texts))
+    return "data-dependent" in joined or "DataDependent" in joined
+
+
+def _dynamo_failure(spec: WriteSpec, exc: BaseException) -> ExportError:
+    texts = [str(exc)]
+    model_class = type(spec.module.model).__name__
+    location = _diagnose.user_code(texts)
+    if is_data_dependent(texts):
+        where = f" at {location}" if location else ""
+        return ExportError(
+            f"torch.export cannot capture {model_class}: its control flow depends on input values (a data-dependent "
+            f"branch{where}). An ONNX graph would compute only the branch the example inputs take, so no file was "
+            "written.\nHint: rewrite the branch with torch.where or torch.cond, or pass "
+            f"{name(TRACE_KEYWORD)} to export the traced branch, which is then checked on your data "
+            f"({name('check_data')}) and on inputs that take other branches."
+        )
+    return _blocker_failure(spec, "dynamo", exc, location)
+
+
+def _trace_failure(spec: WriteSpec, exc: BaseException) -> ExportError:
+    return _blocker_failure(spec, "trace", exc, _diagnose.user_code([str(exc)]))
+
+
+def _blocker_failure(spec: WriteSpec, exporter: str, exc: BaseException, location: str | None) -> ExportError:
+    texts = [str(exc)]
     model_class = type(spec.module.model).__name__
     op = _diagnose.blocking_op(texts)
     if op is not None:
@@ -121,12 +186,10 @@ def _export_failure(spec: WriteSpec, dynamo_exc: BaseException, script_exc: Base
         if modules:
             reason += f"; it is called in module {', '.join(modules)}"
     else:
-        reason = "both torch exporters failed"
-    location = _diagnose.user_code(texts)
+        reason = f"the {exporter} exporter failed"
     where = f"\n  blamed code: {location}" if location else ""
     return ExportError(
-        f"torch.onnx could not export {model_class}: {reason}.{where}\n"
-        f"  dynamo exporter: {_diagnose.summary(dynamo_exc)}\n"
-        f"  TorchScript exporter: {_diagnose.summary(script_exc)}\n"
+        f"torch.onnx could not export {model_class} ({exporter} exporter): {reason}.{where}\n"
+        f"  {exporter} exporter: {_diagnose.summary(exc)}\n"
         f"Hint: {_diagnose.hint_for(texts, op)}"
     )

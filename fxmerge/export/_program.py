@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import inspect
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fxmerge.errors import ExportError
+from fxmerge.errors import ExportError, ExportInputError
 from fxmerge.export import _diagnose
-from fxmerge.export._atomic import publish, resolve_target, staging_dir
+from fxmerge.export._atomic import check_replaceable, publish, resolve_target, staging_dir
 from fxmerge.export._compare import compare_outputs
 from fxmerge.export._flat import flatten_outputs
 from fxmerge.export._inputs import ExampleInputs, eval_copy, parse_example_inputs
 
 _PROGRAM_TOLERANCE = 1e-5
+_MARK = "fxmerge"  # an extra file in the archive: marks the program as written by fxmerge
 
 
 def save_program(
@@ -33,6 +35,7 @@ def save_program(
             captured program disagrees with the model.
     """
     target = resolve_target(path, (".pt2",))
+    check_replaceable({target: is_fxmerge_program})
     inputs = parse_example_inputs(model, example_inputs)
     clone = eval_copy(model)
     capture = _capture_tensors(inputs) if dynamic_batch else inputs.tensors
@@ -48,9 +51,18 @@ def save_program(
     _verify(program, clone, args, kwargs)
     with staging_dir(target) as stage:
         staged = stage / target.name
-        torch.export.save(program, str(staged))
+        torch.export.save(program, str(staged), extra_files={_MARK: "program"})
         publish(stage, staged, {target.name: target})
     return target
+
+
+def is_fxmerge_program(path: Path) -> bool:
+    """Whether ``path`` is a ``.pt2`` archive written by :func:`save_program`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith(f"/extra/{_MARK}") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 class ProgramModule(nn.Module):
@@ -84,11 +96,11 @@ def load_program(path: str | os.PathLike[str]) -> ProgramModule:
     """Load a program written by :func:`save_program` as a runnable module (eval-mode behaviour baked in)."""
     source = Path(path).expanduser()
     if not source.is_file():
-        raise ExportError(f"no program file at {source}; write one with fxmerge.export.save_program.")
+        raise ExportInputError(f"no program file at {source}; write one with fxmerge.export.save_program.")
     try:
         program = torch.export.load(str(source))
     except Exception as exc:
-        raise ExportError(
+        raise ExportInputError(
             f"{source} is not a torch.export program ({type(exc).__name__}: {exc}). If its outputs are custom "
             "classes, import the package that registers them before loading."
         ) from exc
@@ -115,14 +127,14 @@ def _dynamic_shapes(
 ) -> dict[str, object] | None:
     batched = {id(t) for t, flag in zip(capture, inputs.batch_flags(), strict=True) if flag}
     if not batched:
-        raise ExportError(
+        raise ExportInputError(
             "dynamic_batch=True needs an input with a batch dimension (dim 0), but every example input is a "
             "scalar; pass dynamic_batch=False."
         )
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise ExportError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
+        raise ExportInputError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     batch = torch.export.Dim("batch")
     return {name: _spec(value, batched, batch) for name, value in bound.arguments.items()}
 

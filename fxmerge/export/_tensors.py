@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fxmerge.errors import ExportError
+from fxmerge.errors import ExportInputError
 
 _MAX_LISTED = 8
 
@@ -63,7 +63,7 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ExportError(
+        raise ExportInputError(
             f"{source} does not match {cls}: missing keys {_listing(missing)}; unexpected keys "
             f"{_listing(unexpected)}. Load into the architecture the file was saved from."
         )
@@ -73,14 +73,14 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source
         if tuple(state[k].shape) != tuple(v.shape)
     ]
     if shapes:
-        raise ExportError(f"{source} does not match {cls}: shape mismatches {_listing(shapes)}.")
+        raise ExportInputError(f"{source} does not match {cls}: shape mismatches {_listing(shapes)}.")
     dtypes = [
         f"{k}: file {state[k].dtype} vs model {v.dtype}"
         for k, v in expected.items()
         if state[k].dtype != v.dtype
     ]
     if dtypes:
-        raise ExportError(
+        raise ExportInputError(
             f"{source} does not match {cls}: dtype mismatches {_listing(dtypes)}. Convert the model first, "
             "e.g. model.to(torch.float16)."
         )
@@ -125,7 +125,7 @@ def _check_model_ties(
         first = names[0]
         differing = [n for n in names[1:] if not torch.equal(state[n], state[first])]
         if differing:
-            raise ExportError(
+            raise ExportInputError(
                 f"{cls} ties {first!r} to {_listing(differing)}, but {source} holds different values for them; "
                 "loading would keep only one. Load into a model built without this weight tying."
             )

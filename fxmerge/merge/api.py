@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from fxmerge.capture.trace import capture
-from fxmerge.errors import FxmergeError, MergeError
+from fxmerge.errors import FxmergeError, MergeError, MergeInputError
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.engine import (
@@ -28,6 +29,7 @@ from fxmerge.merge.partial import build_multihead
 from fxmerge.merge.report import SpaceDetail, space_detail
 from fxmerge.merge.spaces import find_spaces
 from fxmerge.merge.transform import Transforms, merge_state, perms_from
+from fxmerge.verify import require_sound
 
 METHODS = ("average", "rebasin", "act_align", "zipit", "wzip", "mudsc")
 NEEDS_DATA = {"act_align", "zipit", "mudsc"}
@@ -94,12 +96,13 @@ def merge(
     if depth is not None or width is not None:
         from fxmerge.hetero.api import merge_hetero
 
-        return merge_hetero(
-            models, method=method, data=data, example_inputs=example_inputs, depth=depth, width=width, alpha=alpha,
-            matcher=matcher, seed=seed, reset_bn=reset_bn, repair=repair, progress=progress, frontend=frontend,
-            max_sweeps=max_sweeps, patience=patience, zip_alpha=zip_alpha, zip_beta=zip_beta,
-            max_batches=max_batches, **hetero_options,
-        )  # fmt: skip
+        with _nonfinite_hint():
+            return merge_hetero(
+                models, method=method, data=data, example_inputs=example_inputs, depth=depth, width=width, alpha=alpha,
+                matcher=matcher, seed=seed, reset_bn=reset_bn, repair=repair, progress=progress, frontend=frontend,
+                max_sweeps=max_sweeps, patience=patience, zip_alpha=zip_alpha, zip_beta=zip_beta,
+                max_batches=max_batches, **hetero_options,
+            )  # fmt: skip
     if hetero_options:
         raise MergeError(f"unknown merge option(s) {sorted(hetero_options)}; they apply only with depth= or width=")
     if repair and (stop_at is not None or (matcher == "zip" or method in ("zipit", "wzip"))):
@@ -118,6 +121,7 @@ def merge(
                 f"model {i} does not have {whose} architecture: {str(e).rstrip('.')}. Models of different "
                 "depth or width merge with depth='lma' and/or width='max'."
             ) from e
+    require_sound(models[0], spec, example_inputs)  # nothing unverified reaches a merge
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
     _check_finite(states)
     n = len(models)
@@ -128,8 +132,9 @@ def merge(
     act = {}
     t1 = time.perf_counter()
     if method in NEEDS_DATA:
-        act = activation_correlations(models, spec, spaces, data, example_inputs, progress=progress, seed=seed,
-                                      max_batches=max_batches)  # fmt: skip
+        with _nonfinite_hint():
+            act = activation_correlations(models, spec, spaces, data, example_inputs, progress=progress, seed=seed,
+                                          max_batches=max_batches)  # fmt: skip
     t2 = time.perf_counter()
     tr, log, sims = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
     t3 = time.perf_counter()
@@ -274,10 +279,39 @@ def check_models_and_method(models: Any, method: str, data: Any) -> None:
         raise MergeError(f"method {method!r} needs data (any iterable of input batches) for activation statistics")
 
 
+@contextlib.contextmanager
+def _nonfinite_hint():
+    """The statistics' NaN error suggests an option of theirs that ``merge`` does not take: say what to fix."""
+    try:
+        yield
+    except MergeError as e:
+        if "nonfinite=" not in str(e):
+            raise
+        raise MergeError("activation features contain NaN or inf: check the data for NaN/inf values and that the "
+                         "models produce finite outputs on it") from e  # fmt: skip
+
+
+def _check_tensors(models) -> None:
+    """Every model holds data (no meta tensors) in one floating dtype."""
+    dtypes = []
+    for i, m in enumerate(models):
+        tensors = [*m.parameters(), *m.buffers()]
+        if any(t.is_meta for t in tensors):
+            raise MergeInputError(f"models[{i}] has tensors on the meta device (no data): load its weights first")
+        dtypes.append(sorted({str(t.dtype) for t in tensors if t.is_floating_point()}))
+    if any(d != dtypes[0] for d in dtypes):
+        found = ", ".join(f"models[{i}]: {'/'.join(d) or 'none'}" for i, d in enumerate(dtypes))
+        raise MergeInputError(f"the models have different floating dtypes ({found}); convert them to one dtype "
+                              "first, e.g. model.float()")  # fmt: skip
+
+
 def _validate(models, method, data, matcher, alpha, max_batches) -> None:
     check_models_and_method(models, method, data)
+    _check_tensors(models)
     if matcher not in ("align", "zip"):
         raise MergeError(f"matcher must be 'align' or 'zip', got {matcher!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise MergeInputError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):

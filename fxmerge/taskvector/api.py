@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fxmerge.errors import TaskVectorError
+from fxmerge.errors import TaskVectorError, TaskVectorPathError
+from fxmerge.outputs import check_output_dir, terminate_raises
 from fxmerge.taskvector.engine import Context, merge_tensor, pieces
 from fxmerge.taskvector.methods import MergeOptions, build_options
 from fxmerge.taskvector.params import Param, per_model
@@ -73,7 +74,10 @@ def merge_task_vectors(
         seed: seeds random masks per (seed, model index, tensor name).
         scope: top-k granularity: ``tensor``, ``row``, ``global`` or ``layer_adaptive`` (DPPA's DP).
         out: when a directory path, the merge is written there (HF layout, sharded safetensors,
-            base config copied) atomically and the returned mapping reads lazily from it.
+            base config copied, a manifest of the files) atomically and the returned mapping reads lazily
+            from it. It must not be, contain or lie inside an input; an existing non-empty folder is
+            replaced only with ``overwrite=True`` and only when it holds nothing but an earlier fxmerge
+            output. Staging folders left by killed runs into the same place are removed.
         **method_params: method and engine options, see :mod:`fxmerge.taskvector.methods`.
 
     Returns:
@@ -82,6 +86,7 @@ def merge_task_vectors(
     Raises:
         TaskVectorError: invalid inputs or options, found before anything is written; a NaN found
             while streaming aborts the merge and leaves no output directory.
+        TaskVectorPathError: ``out`` overlaps an input, holds files fxmerge did not write, or is not writable.
     """
     state, _ = run_merge(base, models, method=method, weights=weights, density=density, lam=lam, seed=seed,
                          scope=scope, out=out, **method_params)
@@ -93,6 +98,12 @@ def _open_all(base: object, models: Sequence[object], labels: Sequence[str] | No
         raise TaskVectorError("models: pass a list of fine-tuned models (modules, state dicts, files or directories)")
     names = list(labels) if labels is not None else [_label(m, f"models[{i}]") for i, m in enumerate(models)]
     return open_source(base, _label(base, "base")), [open_source(m, n) for m, n in zip(models, names, strict=True)]
+
+
+def _input_paths(base: TensorSource, models: Sequence[TensorSource]) -> list[tuple[str, Path]]:
+    """Every file and folder the merge reads, labelled ``base`` / ``models[i]``."""
+    named = [("base", base), *((f"models[{i}]", m) for i, m in enumerate(models))]
+    return [(label, path) for label, src in named for path in src.paths()]
 
 
 def _label(obj: object, default: str) -> str:
@@ -127,12 +138,17 @@ def _n_steps(plans: list[TensorPlan], opts: MergeOptions, global_pass: bool) -> 
 
 def run_merge(base: object, models: Sequence[object], *, method: str, weights: object = None, density: object = 1.0,
               lam: float = 1.0, seed: int = 0, scope: str = "tensor", out: str | Path | None = None,
-              labels: Sequence[str] | None = None, **method_params: object) -> tuple[Mapping[str, torch.Tensor], MergeReport]:
-    """:func:`merge_task_vectors` plus a :class:`MergeReport`; ``labels`` name the models in messages."""
+              labels: Sequence[str] | None = None, inputs: Sequence[tuple[str, Path]] = (),
+              **method_params: object) -> tuple[Mapping[str, torch.Tensor], MergeReport]:  # fmt: skip
+    """:func:`merge_task_vectors` plus a :class:`MergeReport`; ``labels`` name the models in messages and
+    ``inputs`` lists further input files (a config) that ``out`` must keep clear of."""
     opts = build_options(method, scope, lam, seed, dict(method_params))
     start = time.perf_counter()
     base_src, model_srcs = _open_all(base, models, labels)
     try:
+        if out is not None:
+            out = check_output_dir(out, overwrite=opts.overwrite, error=TaskVectorPathError,
+                                   inputs=[*inputs, *_input_paths(base_src, model_srcs)])  # fmt: skip
         check_counts(len(model_srcs), opts)
         w = per_model("weights", weights, len(model_srcs), 1.0)
         d = per_model("density", density, len(model_srcs), 1.0)
@@ -140,7 +156,8 @@ def run_merge(base: object, models: Sequence[object], *, method: str, weights: o
         for note in notes:
             warnings.warn(note, TaskVectorWarning, stacklevel=3)
         params = resolve_params(plans, w, d, opts)
-        state, report = _execute(base_src, model_srcs, opts, plans, params, w, d, out)
+        with terminate_raises():
+            state, report = _execute(base_src, model_srcs, opts, plans, params, w, d, out)
     finally:
         base_src.close()
         for m in model_srcs:
@@ -208,7 +225,7 @@ def _execute(base: TensorSource, models: list[TensorSource], opts: MergeOptions,
     infos = {p.name: p.out for p in plans}
     report = MergeReport(opts.method, len(models), len(plans), sum(p.merge for p in plans),
                          sum(i.numel for i in infos.values()), sum(i.numel * i.dtype.itemsize for i in infos.values()))
-    writer = ShardedWriter(Path(out), infos, opts.shard_size, opts.overwrite) if out is not None else None
+    writer = ShardedWriter(Path(out), infos, opts.shard_size) if out is not None else None
     dens = [x.at("", 0) for x in d]
     global_pass = opts.scope == "global" and opts.spec.sparsify == "magnitude" and min(dens) < 1.0
     tick, close = _progress(opts, _n_steps(plans, opts, global_pass))

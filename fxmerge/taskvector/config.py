@@ -91,6 +91,7 @@ class TaskVectorConfig(BaseModel):
     shard_size: int | str = "2GB"
     exclude: str | None = None
     _root: Path = PrivateAttr(default_factory=Path.cwd)
+    _file: Path | None = PrivateAttr(default=None)
 
     @field_validator("merge_method")
     @classmethod
@@ -218,7 +219,9 @@ def load_tv_config(path: str | Path) -> TaskVectorConfig:
         raise ConfigError(f"cannot read config {p}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-    return parse_tv_config(data, p.resolve().parent, str(p))
+    cfg = parse_tv_config(data, p.resolve().parent, str(p))
+    cfg._file = p
+    return cfg
 
 
 def merge_from_config(cfg: TaskVectorConfig, out_dir: str | Path | None, *, progress: object = False,
@@ -231,7 +234,8 @@ def merge_from_config(cfg: TaskVectorConfig, out_dir: str | Path | None, *, prog
     except TaskVectorError as exc:
         raise ConfigError(f"config parameters: {exc}") from exc
     try:
-        return run_merge(out=out_dir, progress=progress, overwrite=overwrite, **kwargs)
+        config_file = [("config", cfg._file)] if cfg._file is not None else []
+        return run_merge(out=out_dir, progress=progress, overwrite=overwrite, inputs=config_file, **kwargs)
     except TaskVectorError as exc:
         if str(exc).startswith(("models[", "parameters.")):
             raise ConfigError(f"config {exc}") from exc

@@ -80,6 +80,10 @@ class TensorSource:
     def close(self) -> None:
         """Release file handles and memory maps."""
 
+    def paths(self) -> list[Path]:
+        """The files and folders this source reads (none for tensors held in memory)."""
+        return []
+
 
 class StateDictSource(TensorSource):
     """A state dict (or a module's) held in memory; loads return copies, the input is never modified."""
@@ -229,6 +233,10 @@ class SafetensorsSource(TensorSource):
 
     def infos(self) -> dict[str, TensorInfo]:
         return {name: f.entries[name][0] for name, f in self._where.items()}
+
+    def paths(self) -> list[Path]:
+        folder = [self.config_dir] if self.config_dir is not None else []
+        return [*folder, *(f.path for f in self._files)]
 
     def load(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
              span: Span | None = None) -> torch.Tensor:

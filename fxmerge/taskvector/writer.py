@@ -1,9 +1,11 @@
 """Atomic, streamed, sharded safetensors output in the Hugging Face directory layout.
 
-The shard layout is planned up front from the output names, shapes and dtypes, so each shard's
-header can be written first and every tensor's bytes streamed straight to its final offset: no shard
-is ever assembled in memory. Everything goes to a hidden temporary directory next to the target,
-which is renamed into place only when the whole merge succeeded; on any failure it is removed.
+The shard layout is planned up front from the output names, shapes and dtypes, so every tensor's bytes are
+streamed straight to their final offset: no shard is ever assembled in memory. A shard's header is written
+last, when all its data is in place, so a shard cut short (a killed run) is not a valid safetensors file.
+Everything goes to a locked hidden staging folder next to the target (:mod:`fxmerge.outputs`), which is
+renamed into place with a manifest only when the whole merge succeeded; on any failure it is removed, and a
+staging folder left by a killed run is removed by the next run into the same place.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import json
 import os
 import shutil
 import struct
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fxmerge.errors import TaskVectorError
+from fxmerge.errors import FxmergeError, TaskVectorPathError
+from fxmerge.outputs import open_stage, publish_dir
 from fxmerge.taskvector.sources import DTYPE_CODES, SafetensorsSource, TensorInfo
 
 COPIED_FILES = (
@@ -94,22 +96,26 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 class ShardedWriter:
-    """Write tensors in plan order into a temporary directory, then :meth:`commit` it atomically."""
+    """Write tensors in plan order into a staging folder, then :meth:`commit` it atomically.
 
-    def __init__(self, out_dir: Path, infos: Mapping[str, TensorInfo], shard_size: int, overwrite: bool = False) -> None:
-        self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise TaskVectorError(f"output path {self.out_dir} exists and is not a directory")
-        if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
-            raise TaskVectorError(f"output directory {self.out_dir} is not empty; choose a new path or pass overwrite=True")
+    ``out_dir`` must have passed :func:`fxmerge.outputs.check_output_dir` (new, empty or an earlier fxmerge
+    output, disjoint from the inputs); it is checked again when the result replaces it.
+    """
+
+    def __init__(self, out_dir: Path, infos: Mapping[str, TensorInfo], shard_size: int) -> None:
+        self.out_dir = Path(out_dir).absolute()
         self.infos = dict(infos)
         self.shards = plan_shards(self.infos, shard_size)
         self._order: Iterator[tuple[Shard, str]] = ((s, n) for s in self.shards for n in s.names)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TaskVectorPathError(f"cannot create {self.out_dir.parent}: {exc.strerror or exc}") from exc
+        self._stage = open_stage(self.out_dir.parent, self.out_dir.name, TaskVectorPathError)
+        self.tmp = self._stage.path
         self._shard: Shard | None = None
         self._fh = None
+        self._header = b""
         self._size = 0
         self._current: str | None = None
         self._filled = 0
@@ -128,32 +134,35 @@ class ShardedWriter:
         info = self.infos.get(self._current) if self._current is not None else None
         shape = info.shape if span is None or info is None else (span[1] - span[0],)
         if info is None or name != self._current or tuple(tensor.shape) != shape or tensor.dtype != info.dtype:
-            raise TaskVectorError(f"internal write-order error: got {name!r}, expected {self._current!r} {info}")
+            raise FxmergeError(f"internal write-order error: got {name!r}, expected {self._current!r} {info}")
         start, stop = span if span is not None else (0, info.numel)
         if start != self._filled or stop > info.numel:
-            raise TaskVectorError(f"internal write-order error: {name!r} piece {start}:{stop} after {self._filled} elements")
+            raise FxmergeError(f"internal write-order error: {name!r} piece {start}:{stop} after {self._filled} elements")
         if tensor.numel():
             flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             self._fh.write(memoryview(flat.numpy()))
         self._filled = stop
 
     def _open_shard(self, shard: Shard) -> None:
-        """Start ``shard``'s file: reserve its exact final size, then write the header."""
+        """Start ``shard``'s file: reserve its exact final size and leave the header zeroed until the end."""
         self._close_file()
-        header = _header_bytes(self.infos, shard.names)
-        self._size = len(header) + sum(self.infos[n].numel * self.infos[n].dtype.itemsize for n in shard.names)
+        self._header = _header_bytes(self.infos, shard.names)
+        self._size = len(self._header) + sum(self.infos[n].numel * self.infos[n].dtype.itemsize for n in shard.names)
         self._shard = shard
         self._fh = open(self.tmp / shard.filename, "wb")  # noqa: SIM115 - closed in _close_file
         _preallocate(self._fh.fileno(), self._size)
-        self._fh.write(header)
+        self._fh.write(bytes(len(self._header)))
 
     def _close_file(self) -> None:
+        """Check the shard is complete, then write its header (until now zero: an invalid file)."""
         if self._fh is not None:
             if self._fh.tell() != self._size:
-                raise TaskVectorError(f"internal error: shard {self._shard.filename} has {self._fh.tell()} bytes, "
-                                      f"planned {self._size}")
-            # no fsync: the output is atomic against a failed merge (temp dir + rename), and the page cache
-            # writes it back; forcing it to disk made the merge wait on the device (mergekit does not either)
+                raise FxmergeError(f"internal error: shard {self._shard.filename} has {self._fh.tell()} bytes, "
+                                   f"planned {self._size}")
+            self._fh.seek(0)
+            self._fh.write(self._header)
+            # no fsync: the output is atomic against a failed merge (staging folder + rename), and the page
+            # cache writes it back; forcing it to disk made the merge wait on the device (mergekit does not either)
             self._fh.close()
             self._fh = None
 
@@ -161,19 +170,14 @@ class ShardedWriter:
         """Finish the last shard, write the index and copied config, and move the directory into place."""
         leftover = next(self._order, None)
         if leftover is not None:
-            raise TaskVectorError(f"internal error: tensor {leftover[1]!r} was never written")
+            raise FxmergeError(f"internal error: tensor {leftover[1]!r} was never written")
         self._close_file()
         if len(self.shards) > 1:
             self._write_index()
         if config_dir is not None:
             _copy_config(config_dir, self.tmp, out_dtype)
-        backup = None
-        if self.out_dir.exists():
-            backup = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, backup)
-        os.replace(self.tmp, self.out_dir)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        publish_dir(self.tmp, self.out_dir, TaskVectorPathError)
+        self._stage.release()
         return self.out_dir
 
     def _write_index(self) -> None:
@@ -183,11 +187,11 @@ class ShardedWriter:
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def abort(self) -> None:
-        """Remove the temporary directory (called on any failure)."""
+        """Remove the staging folder (called on any failure)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._stage.discard()
 
 
 def _copy_config(src: Path, dst: Path, out_dtype: torch.dtype | None) -> None:

@@ -33,10 +33,11 @@ def test_export_a_merge_output_folder(tmp_path, checkpoints):
     cfg = base_config(outputs={"plots": False, "report": False})
     run_merge_config(cfg | {"models": [{"model": MLP, "checkpoint": str(p)} for p in checkpoints]}, tmp_path / "m",
                      progress=False)  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors", "model.safetensors.json"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        ".fxmerge-manifest.json", "model.safetensors", "model.safetensors.json"]
     result = _invoke("export", str(tmp_path / "m"), "--out", str(tmp_path / "m.onnx"))
     assert result.exit_code == 0, result.output
-    assert "onnxruntime vs torch on batch sizes [2, 3]: max |diff|" in result.stdout
+    assert "(dynamo exporter, opset" in result.stdout and "batch sizes [2, 3]: max |diff|" in result.stdout
     _ort_matches(tmp_path / "m.onnx", fxmerge.load_state(tmp_path / "m" / "model.safetensors"))
 
 
@@ -125,7 +126,7 @@ def test_quiet_merge_prints_nothing(tmp_path, checkpoints):
     result = _invoke("merge", str(cfg), "--out", str(tmp_path / "o"), "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout == "" and result.stderr == ""
-    assert [p.name for p in (tmp_path / "o").iterdir()] == ["report.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".fxmerge-manifest.json", "report.json"]
     loud = _invoke("merge", str(cfg), "--out", str(tmp_path / "o"), "--overwrite")
     assert loud.exit_code == 0 and "similarity of merged pairs over 2 spaces" in loud.stdout
     assert "merging 2 models with act_align" in loud.stderr

@@ -119,3 +119,29 @@ class SignBranch(nn.Module):
         if x.sum() > 0:
             return y * 2
         return y - 1
+
+
+class TwoHeads(nn.Module):
+    """The issue's model: one head for inputs with a positive sum, another (times -50) for the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h) if x.sum() > 0 else -50 * self.c(h)
+
+
+class LargeValueBranch(nn.Module):
+    """Branches on the first feature exceeding 100: no rescaling of standard-normal inputs reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if x[:, 0].min() > 100:
+            return y + 7
+        return y

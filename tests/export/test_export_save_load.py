@@ -9,7 +9,7 @@ import torch
 from export_test_models import MLP, SignBranch, SmallResCNN, TiedLM, build_tied_lm, reinit_
 from safetensors import safe_open
 
-from fxmerge.errors import ExportError
+from fxmerge.errors import ExportError, ExportInputError, ExportPathError
 from fxmerge.export import load_program, load_state, save_program, save_state, sidecar_path
 
 TIED = "export_test_models:build_tied_lm"
@@ -179,11 +179,42 @@ def test_model_tie_that_the_file_contradicts_is_an_error(tmp_path):
     ],
 )
 def test_invalid_save_arguments_keep_the_existing_file(tmp_path, kwargs, fragment):
-    target = tmp_path / "lm.safetensors"
-    target.write_bytes(b"old")
-    with pytest.raises(ExportError, match=fragment):
+    target = save_state(TiedLM(), tmp_path / "lm.safetensors")
+    old, old_sidecar = target.read_bytes(), sidecar_path(target).read_bytes()
+    with pytest.raises(ExportInputError, match=fragment):
         save_state(TiedLM(), target, **kwargs)
-    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["lm.safetensors"]
+    assert target.read_bytes() == old and sidecar_path(target).read_bytes() == old_sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.safetensors", "lm.safetensors.json"]
+
+
+def test_save_state_bytes_are_reproducible_and_only_its_own_files_are_replaced(tmp_path):
+    model = reinit_(TiedLM(), seed=47)
+    path = save_state(model, tmp_path / "lm.safetensors", constructor=TIED, meta={"b": 1, "a": 2})
+    first, side = path.read_bytes(), sidecar_path(path).read_bytes()
+    save_state(model, path, constructor=TIED, meta={"a": 2, "b": 1})
+    assert path.read_bytes() == first and sidecar_path(path).read_bytes() == side
+    header = json.loads(first[8 : 8 + int.from_bytes(first[:8], "little")])
+    assert list(header["__metadata__"]) == ["format", "fxmerge"]  # sorted keys: no per-run order
+    assert _same_state(load_state(path), model)
+
+    for name, foreign in (("a.safetensors", "a.safetensors"), ("b.safetensors", "b.safetensors.json")):
+        (tmp_path / foreign).write_text("not fxmerge's")
+        with pytest.raises(ExportPathError, match=f"{foreign} exists and was not written by fxmerge"):
+            save_state(model, tmp_path / name)
+        assert (tmp_path / foreign).read_text() == "not fxmerge's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors", "b.safetensors.json", "lm.safetensors", "lm.safetensors.json"]
+
+
+def test_save_program_replaces_only_its_own_programs(tmp_path):
+    model, x = reinit_(MLP(), seed=48).eval(), torch.randn(2, 6)
+    (tmp_path / "other.pt2").write_bytes(b"PK not ours")
+    with pytest.raises(ExportPathError, match="was not written by fxmerge"):
+        save_program(model, x, tmp_path / "other.pt2")
+    path = save_program(model, x, tmp_path / "mine.pt2")
+    save_program(model, x, path)  # an fxmerge program is replaced
+    assert torch.allclose(load_program(path)(x), model(x))
+    assert (tmp_path / "other.pt2").read_bytes() == b"PK not ours"
 
 
 def test_rebuild_needs_a_sidecar_with_a_constructor(tmp_path):

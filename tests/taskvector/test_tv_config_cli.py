@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from tv_refs import make_models
 
+from fxmerge.cli import main
 from fxmerge.errors import ConfigError
 from fxmerge.taskvector import load_tv_config, merge_from_config, merge_task_vectors
-from fxmerge.taskvector.cli import merge_tv
 from fxmerge.taskvector.params import Param, layer_position
 
 
@@ -122,34 +122,38 @@ parameters: {consensus: majority}
     assert not (tmp_path / "out").exists()
 
 
+def _cli(*args: str):
+    return CliRunner().invoke(main, ["merge-tv", *args])
+
+
 def test_cli_json_quiet_and_progress(tmp_path: Path) -> None:
     _files(tmp_path)
     cfg = _write(tmp_path, "merge_method: dppa\nbase_model: base.safetensors\n"
                            "models: [{model: m0.safetensors}, {model: m1.safetensors}]\nparameters: {density: 0.3}\n")
-    runner = CliRunner()
-    res = runner.invoke(merge_tv, [str(cfg), str(tmp_path / "o1"), "--json"])
+    res = _cli(str(cfg), str(tmp_path / "o1"), "--json")
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["method"] == "dppa" and summary["n_models"] == 2 and summary["shards"] == ["model.safetensors"]
-    res = runner.invoke(merge_tv, [str(cfg), str(tmp_path / "o2"), "--quiet"])
+    assert summary["ok"] is True and summary["method"] == "dppa" and summary["n_models"] == 2
+    assert summary["shards"] == ["model.safetensors"]
+    res = _cli(str(cfg), str(tmp_path / "o2"), "--quiet")
     assert res.exit_code == 0 and res.stdout == ""
-    res = runner.invoke(merge_tv, [str(cfg), str(tmp_path / "o3")])
+    res = _cli(str(cfg), str(tmp_path / "o3"))
     assert res.exit_code == 0 and "merged 2 model(s) with dppa" in res.stdout
     assert "merge-tv" in res.stderr  # the tqdm bar
-    res = runner.invoke(merge_tv, [str(cfg), str(tmp_path / "o3")])
-    assert res.exit_code == 1 and "not empty" in res.output
-    res = runner.invoke(merge_tv, [str(cfg), str(tmp_path / "o3"), "--overwrite", "--seed", "4", "-q"])
+    res = _cli(str(cfg), str(tmp_path / "o3"))
+    assert res.exit_code == 2 and "not empty; pass --overwrite" in res.stderr and "overwrite=True" not in res.stderr
+    res = _cli(str(cfg), str(tmp_path / "o3"), "--overwrite", "--seed", "4", "-q")
     assert res.exit_code == 0
 
 
 def test_cli_reports_bad_config(tmp_path: Path) -> None:
     cfg = _write(tmp_path, "merge_method: ties\nbase_model: nowhere.safetensors\nmodels: [{model: m.safetensors}]\n")
-    res = CliRunner().invoke(merge_tv, [str(cfg), str(tmp_path / "out")])
-    assert res.exit_code == 1 and "does not exist" in res.output
-    res = CliRunner().invoke(merge_tv, [str(tmp_path / "missing.yaml"), str(tmp_path / "out")])
+    res = _cli(str(cfg), str(tmp_path / "out"))
+    assert res.exit_code == 2 and "does not exist" in res.stderr  # a missing input: bad input, exit 2
+    res = _cli(str(tmp_path / "missing.yaml"), str(tmp_path / "out"))
     assert res.exit_code == 2 and "error: cannot read config" in res.stderr  # a config problem: exit 2, like merge
-    res = CliRunner().invoke(merge_tv, [str(cfg), str(tmp_path / "out"), "--json"])
-    assert res.exit_code == 1 and "does not exist" in res.stderr
+    res = _cli(str(cfg), str(tmp_path / "out"), "--json")
+    assert res.exit_code == 2 and "does not exist" in res.stderr
     doc = json.loads(res.stdout)
     assert doc["ok"] is False and "does not exist" in doc["error"] and doc["error_type"] == "TaskVectorError"
     assert not (tmp_path / "out").exists()

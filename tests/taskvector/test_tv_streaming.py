@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tv_refs import make_models
 
-from fxmerge.errors import TaskVectorError
+from fxmerge.errors import TaskVectorError, TaskVectorPathError
 from fxmerge.taskvector import LazyStateDict, TaskVectorWarning, merge_task_vectors
 from fxmerge.taskvector.sources import open_source
 
@@ -63,7 +63,7 @@ def test_single_file_inputs_out_dtype_and_config(tmp_path: Path) -> None:
     mem = merge_task_vectors(base, models, method="ties", density=0.5, out_dtype="bfloat16")
     out = merge_task_vectors(tmp_path / "base.safetensors", paths, method="ties", density=0.5, out_dtype="bfloat16",
                              out=tmp_path / "o")
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [".fxmerge-manifest.json", "model.safetensors"]
     with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as h:
         assert h.get_tensor("emb.weight").dtype == torch.bfloat16
         assert torch.equal(h.get_tensor("emb.weight"), mem["emb.weight"])
@@ -156,13 +156,25 @@ def test_shape_policies() -> None:
 
 
 def test_output_dir_rules(tmp_path: Path) -> None:
+    """A non-empty folder needs overwrite=True, and even then only an earlier fxmerge output is replaced."""
     base, models = make_models(seed=27)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(TaskVectorError, match="not empty"):
+    with pytest.raises(TaskVectorPathError, match="not empty; pass overwrite=True"):
         merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out")
-    merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(TaskVectorPathError, match=r"holds files fxmerge did not write \(keep.txt\)"):
+        merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+    merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "ours")
+    first = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    merge_task_vectors(base, models, method="task_arithmetic", lam=0.5, out=tmp_path / "ours", overwrite=True)
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() != first
+    (tmp_path / "ours" / "notes.md").write_text("mine")  # the user adds a file: the folder is no longer ours alone
+    with pytest.raises(TaskVectorPathError, match=r"notes\.md"):
+        merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "ours", overwrite=True)
+    assert (tmp_path / "ours" / "notes.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]  # no staging folder left
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "model_stock"])
