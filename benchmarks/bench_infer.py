@@ -50,6 +50,7 @@ from fxmerge.infer.api import format_unsupported
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter
 from fxmerge.testing import zoo
+from fxmerge.verify import find_unsound_groups
 
 DEPTH_TARGET = 18.0  # inference time at 16x depth / at 1x, at most
 ABS_TARGET = 1.0  # seconds after capture for tiny_llama@32 and densenet121, at most
@@ -127,6 +128,8 @@ class FxTime:
     nodes: int
     frontend: str
     bare_trace: float = 0.0  # torch.fx.Tracer().trace alone: the floor of any fx-based capture
+    gate: float = 0.0  # CPU seconds of infer_groups' soundness gate (find_unsound_groups) on the spec
+    gate_forwards: int = 0
 
     @property
     def total(self) -> float:
@@ -144,8 +147,16 @@ def since(t0: tuple[float, float]) -> tuple[float, float]:
     return t1[0] - t0[0], t1[1] - t0[1]
 
 
+def time_gate(model: nn.Module, inputs: tuple, frontend: str) -> tuple[float, int]:
+    """CPU seconds and forward passes of the soundness gate that ``infer_groups`` runs on its result."""
+    spec = fxmerge.infer_groups(model, inputs, frontend=frontend, verify=False)
+    t0 = clock()
+    _, record = find_unsound_groups(model, spec, inputs)
+    return since(t0)[1], record.forwards
+
+
 def infer_once(model: nn.Module, inputs: tuple, frontend: str) -> tuple[tuple, tuple, int, int, str]:
-    """One strict ``infer_groups``: capture and inference (wall, CPU) times, groups, nodes, frontend used."""
+    """One strict inference without the gate: capture and inference (wall, CPU) times, groups, nodes, frontend."""
     args, kwargs = split_inputs(inputs)
     t0 = clock()
     cg = fxmerge.capture(model, inputs, frontend)
@@ -175,6 +186,7 @@ def time_fxmerge(case: str, repeats: int) -> FxTime:
     result = FxTime(min(r[0][1] for r in runs), cpu[0], cpu[len(cpu) // 2], wall, *runs[0][2:])
     if result.frontend == "fx":
         result.bare_trace = min(_bare_trace(model) for _ in range(max(10, len(runs))))
+    result.gate, result.gate_forwards = time_gate(model, inputs, frontend)
     return result
 
 
@@ -260,7 +272,8 @@ def tp_cell(res: dict) -> str:
 def run_cases(bench: Bench, cases: list[str], args: argparse.Namespace) -> None:
     """Time fxmerge and Torch-Pruning on each case and print one table row per case."""
     head = (f"{'case':<14} {'frontend':<8} {'nodes':>5} {'groups':>6} {'capture':>7} {'infer min/med':>13} "
-            f"{'(wall)':>7} {'TP (groups)':>15} {'(wall)':>7} {'TP/fx':>6} {'TP/infer':>8} {'bare fx':>7}")  # fmt: skip
+            f"{'(wall)':>7} {'TP (groups)':>15} {'(wall)':>7} {'TP/fx':>6} {'TP/infer':>8} {'bare fx':>7} "
+            f"{'gate (fwd)':>12}")  # fmt: skip
     print(head + "\n" + "-" * len(head))
     for case in cases:
         try:
@@ -276,8 +289,8 @@ def run_cases(bench: Bench, cases: list[str], args: argparse.Namespace) -> None:
         tp_wall = f"{res['wall']:.3f}" if ok else "-"
         timing = f"{fx_t.infer:.3f}/{fx_t.infer_median:.3f}"
         print(f"{case:<14} {fx_t.frontend:<8} {fx_t.nodes:>5} {fx_t.groups:>6} {fx_t.capture:>7.3f} {timing:>13} "
-              f"{fx_t.infer_wall:>7.3f} {tp_cell(res):>15} {tp_wall:>7} {total:>6} {infer:>8} {fx_t.bare_trace:>7.3f}",
-              flush=True)  # fmt: skip
+              f"{fx_t.infer_wall:>7.3f} {tp_cell(res):>15} {tp_wall:>7} {total:>6} {infer:>8} {fx_t.bare_trace:>7.3f} "
+              f"{f'{fx_t.gate:.3f} ({fx_t.gate_forwards})':>12}", flush=True)  # fmt: skip
 
 
 def judge(bench: Bench) -> None:
