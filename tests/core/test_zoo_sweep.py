@@ -42,6 +42,7 @@ def _check(key: str) -> None:
     assert rec["nonstrict_groups"] > 0
     assert rec["sound"], rec["errors"].get("verify")
     assert rec["frozen_no_reason"] == 0
+    assert "permute" not in rec["errors"], rec["errors"]
     assert rec["moved"] > 1e-3, "the permuted copy is not a different point: recovery would prove nothing"
     assert isinstance(rec["act_align"], float), rec["errors"]
     assert rec["act_align"] <= sweep.RECOVERY_TOL, f"act_align recovers with error {rec['act_align']:.3g}"
