@@ -212,7 +212,8 @@ SHAPE_HELP = "Example input shape, e.g. 1,3,64,64 (default: from the model sourc
 FRONTENDS = click.Choice(["auto", "fx", "export"])
 EXPORT_NAMES = {"path": "--out", "dynamic_batch=False": "--no-dynamic-batch", "exporter": "--exporter",
                 "exporter='trace'": "--exporter trace", "check_data": "--check-data", "opset": "--opset",
-                "atol": "--atol", "rtol": "--rtol", "input_shape": "--input-shape"}  # fmt: skip
+                "atol": "--atol", "rtol": "--rtol", "input_shape": "--input-shape", "source": "SOURCE",
+                "checkpoint": "--checkpoint"}  # fmt: skip
 MERGE_NAMES = {"out_dir": "--out", "overwrite=True": "--overwrite"}
 
 

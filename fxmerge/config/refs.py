@@ -22,6 +22,7 @@ from fxmerge.errors import ConfigError, ExportError, FxmergeError, UserCodeError
 from fxmerge.export import load_program, load_state, sidecar_path
 from fxmerge.export._tensors import check_compatible, match_float_dtype
 from fxmerge.models import load_model_spec
+from fxmerge.outputs import name
 
 REF_FORMS = "torchvision:NAME, timm:NAME, hf:CONFIG_DIR or package.module:callable"
 STATE_FILE = "model.safetensors"
@@ -265,37 +266,38 @@ def load_source(
         _no_checkpoint(checkpoint, f"a {path.suffix} file")
         if path.suffix == ".safetensors" and not _has_constructor(path):
             raise ConfigError(f"{path.name} records no constructor to rebuild its model: give the model reference "
-                              f"and the file as --checkpoint, e.g. fxmerge export pkg.module:build --checkpoint {path}")
+                              f"as {name('source')} and the file as {name('checkpoint')}")
         model = load_state(path) if path.suffix == ".safetensors" else load_program(path)
         ref = _sidecar_meta(path).get("model") if path.suffix == ".safetensors" else None
         if ref:
             return model, build_model_and_inputs(ref, input_shape or _sidecar_meta(path).get("input_shape"), "model")[1]
         if not input_shape:
-            raise ConfigError(f"{path.name} does not record its example inputs: pass --input-shape, e.g. 1,3,224,224")
+            raise ConfigError(f"{path.name} does not record its example inputs: pass {name('input_shape')}, "
+                              "e.g. 1,3,224,224")
         return model, (torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)),)
-    model, inputs = build_model_and_inputs(source, input_shape, "model")
+    model, inputs = build_model_and_inputs(source, input_shape, name("source"))
     if checkpoint is not None:
-        model = load_checkpoint(model, checkpoint, "--checkpoint")
+        model = load_checkpoint(model, checkpoint, name("checkpoint"))
     return model, inputs
 
 
 def source_inputs(source: str, checkpoint: str | None, *refs: str | None) -> list[tuple[str, Path]]:
-    """The files and folders ``fxmerge export`` reads: SOURCE (a folder, a file and its sidecar, or the module
-    of a reference), --checkpoint and the modules of further references."""
+    """The files and folders an export of ``source`` reads: the folder, or the file and its sidecar, or the
+    module of a reference; the checkpoint; the modules of further references."""
     path = Path(source).expanduser()
     found: list[tuple[str, Path]] = []
     if path.exists():
-        found.append(("SOURCE", path))
+        found.append((name("source"), path))
         if path.suffix == ".safetensors" and sidecar_path(path).exists():
-            found.append(("SOURCE's sidecar", sidecar_path(path)))
+            found.append((f"{name('source')}'s sidecar", sidecar_path(path)))
     elif (module := module_file(source)) is not None:
-        found.append(("SOURCE's module", module))
+        found.append((f"{name('source')}'s module", module))
     if checkpoint is not None:
-        found.append(("--checkpoint", Path(checkpoint)))
+        found.append((name("checkpoint"), Path(checkpoint)))
     found += [("the module of " + ref, m) for ref in refs if ref and (m := module_file(ref)) is not None]
     return found
 
 
 def _no_checkpoint(checkpoint: str | Path | None, what: str) -> None:
     if checkpoint is not None:
-        raise ConfigError(f"--checkpoint loads weights into a model reference; {what} already holds its weights")
+        raise ConfigError(f"{name('checkpoint')} loads weights into a model reference; {what} already holds its weights")

@@ -99,7 +99,7 @@ def run_merge_config(
             files["plots"] = write_plots(stage, result, metrics, cfg.outputs.max_heatmaps)
         report = build_report(cfg, result, metrics, files, time.perf_counter() - started, stage)
         if cfg.outputs.report:
-            (stage / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+            (stage / REPORT_FILE).write_text(json.dumps(reproducible(report), indent=1) + "\n")
         publish_folder(stage, out)
     say(f"wrote {out}")
     return report
@@ -221,6 +221,14 @@ def build_report(cfg: MergeConfig, result: MergeResult, metrics: Mapping, files:
         "seconds": seconds,
     }  # fmt: skip
     return jsonable(report, f"{stage}{os.sep}" if stage is not None else None)
+
+
+RUN_DEPENDENT = ("seconds", "timings")  # wall-clock values: in the returned report, not in report.json
+
+
+def reproducible(report: Mapping[str, Any]) -> dict[str, Any]:
+    """``report`` without its wall-clock values, so that identical runs write identical report.json files."""
+    return {k: v for k, v in report.items() if k not in RUN_DEPENDENT}
 
 
 def jsonable(obj: Any, strip: str | None = None) -> Any:

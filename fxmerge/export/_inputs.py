@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxmerge.errors import ExportError, ExportInputError
+from fxmerge.errors import ExportError, ExportInputError, FxmergeError
 from fxmerge.outputs import name as option_name
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
@@ -272,6 +272,8 @@ def data_cases(model: nn.Module, data: Iterable[object] | None, inputs: ExampleI
                                f"{type(data).__name__}.")  # fmt: skip
     try:
         batches = list(itertools.islice(iter(data), limit))
+    except FxmergeError:
+        raise
     except Exception as exc:
         raise ExportInputError(f"iterating {what} raised {type(exc).__name__}: {exc}") from exc
     if not batches:

@@ -43,7 +43,8 @@ def test_output_folder_holds_every_requested_file(merged):
 def test_report_has_similarity_metrics_and_timings(merged):
     out, doc, _ = merged
     report = json.loads((out / "report.json").read_text())
-    assert report == doc["report"]
+    assert report == {k: v for k, v in doc["report"].items() if k not in ("seconds", "timings")}
+    report = doc["report"]  # report.json leaves out the wall-clock values: identical runs, identical files
     assert report["method"] == "act_align" and report["n_models"] == 2 and report["groups"] == 2
     for space in report["similarity"].values():
         # aligning a model with its permuted copy recovers the permutation: every pair is identical
