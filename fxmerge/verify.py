@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.capture.trace import eval_mode, split_inputs
 from fxmerge.errors import InvarianceError
+from fxmerge.ir.layout import groups_in, index
 from fxmerge.ir.spec import PermutationSpec
 
 
@@ -78,7 +79,8 @@ class _Bench:
         if drift > self.tol:
             raise InvarianceError(
                 f"the model's forward is not deterministic in eval mode (two identical calls differ by {drift:.3g}); "
-                "permutation invariance cannot be checked. Make the forward deterministic (no sampling in eval)."
+                "permutation invariance cannot be checked. Make the forward deterministic in eval mode (no "
+                "sampling), or pass verify=False to infer_groups and check the spec yourself."
             )
 
     def _run(self) -> list[torch.Tensor]:
@@ -100,10 +102,40 @@ class _Bench:
                     saved[id(t)] = (t, t.clone())
                     t.copy_(new)
             try:
-                return _max_diff(self.ref, self._run())
+                return _max_diff(_permuted_outputs(spec, self.ref, perms), self._run())
             finally:
                 for t, orig in saved.values():
                     t.copy_(orig)
+
+
+def _permuted_outputs(spec: PermutationSpec, ref: list[torch.Tensor], perms: dict) -> list[torch.Tensor]:
+    """What the permuted model must output: ``ref`` itself, permuted along output axes that carry groups
+    (``free_outputs=True``). Output tensors are matched in graph order; integer outputs are not compared."""
+    if not any(spec.output_layouts):
+        return ref
+    floats = [lays for lays, is_float in zip(spec.output_layouts, spec.output_floats, strict=True) if is_float]
+    if len(floats) != len(ref):
+        raise InvarianceError(
+            f"the model returns {len(ref)} floating-point tensors but its graph {len(floats)}: cannot match the "
+            "free outputs (free_outputs=True) to check invariance"
+        )
+    return [_permute_value(t, lays, perms) for t, lays in zip(ref, floats, strict=True)]
+
+
+def _permute_value(t: torch.Tensor, lays: list, perms: dict) -> torch.Tensor:
+    for axes, lay in lays:
+        if not any(g in perms for g in groups_in(lay)):
+            continue
+        idx = index(lay, perms).to(t.device)
+        rest = [a for a in range(t.ndim) if a not in axes]
+        moved = t.permute(*rest, *axes)
+        flat = moved.reshape(*moved.shape[: len(rest)], -1).index_select(len(rest), idx)
+        back = flat.reshape(moved.shape)
+        inverse = [0] * t.ndim
+        for pos, a in enumerate([*rest, *axes]):
+            inverse[a] = pos
+        t = back.permute(*inverse)
+    return t
 
 
 def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, dict, torch.dtype]:

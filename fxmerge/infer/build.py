@@ -114,6 +114,8 @@ def build_spec(interp: GraphInterpreter) -> PermutationSpec:
     spec.roles = roles
     spec.layout_probes = found
     interp.group_atoms = {gid: root for root, gid in res.gid_of.items()}
+    spec.output_layouts = [dims_layouts(interp, res, dims) for dims in interp.output_dims]
+    spec.output_floats = list(interp.output_floats)
     return spec
 
 
@@ -181,18 +183,26 @@ def layout_probes(interp: GraphInterpreter, res: _Resolver) -> list[tuple[str, t
         dims = node.meta.get(META_DIMS)
         if not isinstance(dims, tuple) or node.op in ("placeholder", "get_attr", "output"):
             continue
-        joints: dict[int, list[tuple[int, int]]] = {}
-        for axis, d in enumerate(dims):
-            if isinstance(d, Lvl):
-                joints.setdefault(id(d.joint), []).append((d.k, axis))
-            elif d.size > 1 and not isinstance(interp.solver.head(d), (Fixed, Bcast)):
-                lay = res.layout(d, create=False)
-                if isinstance(lay, (G, Prod, Cat)):
-                    found.append((node.name, (axis,), lay))
-        for levels in joints.values():
-            levels.sort()
-            j = next(d.joint for d in dims if isinstance(d, Lvl) and d.k == levels[0][0])
-            lay = res.layout(j.root, create=False)
-            if isinstance(lay, Prod):
-                found.append((node.name, tuple(a for _, a in levels), lay))
+        found.extend((node.name, axes, lay) for axes, lay in dims_layouts(interp, res, dims))
+    return found
+
+
+def dims_layouts(interp: GraphInterpreter, res: _Resolver, dims: tuple) -> list[tuple[tuple[int, ...], Layout]]:
+    """(axes, layout) for the axes of one value that carry a group: single axes, and the axes of each joint (in
+    level order) as one flattened layout."""
+    found: list[tuple[tuple[int, ...], Layout]] = []
+    joints: dict[int, list[tuple[int, int]]] = {}
+    for axis, d in enumerate(dims):
+        if isinstance(d, Lvl):
+            joints.setdefault(id(d.joint), []).append((d.k, axis))
+        elif d.size > 1 and not isinstance(interp.solver.head(d), (Fixed, Bcast)):
+            lay = res.layout(d, create=False)
+            if isinstance(lay, (G, Prod, Cat)):
+                found.append(((axis,), lay))
+    for levels in joints.values():
+        levels.sort()
+        j = next(d.joint for d in dims if isinstance(d, Lvl) and d.k == levels[0][0])
+        lay = res.layout(j.root, create=False)
+        if isinstance(lay, (G, Prod, Cat)):
+            found.append((tuple(a for _, a in levels), lay))
     return found

@@ -52,6 +52,7 @@ class GraphInterpreter:
         self.used: set[int] = set()
         self.unsupported: list[UnsupportedOp] = []
         self.output_dims: list[Dims] = []
+        self.output_floats: list[bool] = []
         self.group_atoms: dict[int, int] = {}  # group id of the last built spec -> solver atom class
 
     # ------------------------------------------------------------------ params
@@ -114,6 +115,7 @@ class GraphInterpreter:
     def _output(self, value: Any) -> None:
         for tv in _flat(value):
             self.output_dims.append(tv.dims)
+            self.output_floats.append(tv.value.is_floating_point())
             if not self.free_outputs:
                 self.ctx.freeze(tv, "model output (outputs are frozen; pass free_outputs=True to free them)")
 

@@ -78,6 +78,9 @@ class PermutationSpec:
         self.layout_probes: list[tuple[str, tuple[int, ...], Layout]] = []
         # the soundness gate's record (fxmerge.verify.VerificationRecord) when infer_groups verified the spec
         self.verification: Any = None
+        # per model output tensor (graph output order): (axes, layout) of axes left free by free_outputs=True
+        self.output_layouts: list[list[tuple[tuple[int, ...], Layout]]] = []
+        self.output_floats: list[bool] = []
 
     # ---------------------------------------------------------------- access
     def group(self, gid: int) -> Group:
@@ -164,6 +167,10 @@ class PermutationSpec:
             "roles": self.roles,
             "shapes": {n: list(s) for n, s in self.shapes.items()},
             "layout_probes": [[node, list(axes), to_obj(lay)] for node, axes, lay in self.layout_probes],
+            "outputs": [
+                {"float": f, "free": [[list(axes), to_obj(lay)] for axes, lay in lays]}
+                for lays, f in zip(self.output_layouts, self.output_floats, strict=True)
+            ],
             "coverage": self.coverage.to_obj(),
         }
         text = json.dumps(obj, indent=indent)
@@ -184,6 +191,9 @@ class PermutationSpec:
             axes = {n: [from_obj(x) for x in lays] for n, lays in obj["axes"].items()}
             shapes = {n: tuple(v) for n, v in obj.get("shapes", {}).items()}
             layout_probes = [(str(n), tuple(a), from_obj(x)) for n, a, x in obj.get("layout_probes", [])]
+            outputs = [
+                (bool(o["float"]), [(tuple(a), from_obj(x)) for a, x in o["free"]]) for o in obj.get("outputs", [])
+            ]
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"not a valid fxmerge PermutationSpec JSON: {e}") from e
         probes = {int(k): [tuple(x) for x in v] for k, v in obj.get("probes", {}).items()}
@@ -191,6 +201,8 @@ class PermutationSpec:
         spec = cls(groups, axes, cov, probes, shapes or None)
         spec.roles.update(obj.get("roles", {}))
         spec.layout_probes = layout_probes
+        spec.output_floats = [f for f, _ in outputs]
+        spec.output_layouts = [lays for _, lays in outputs]
         return spec
 
     # ------------------------------------------------------------- display
