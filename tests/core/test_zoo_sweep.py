@@ -82,7 +82,7 @@ def test_report_counts_targets_and_reasons(tmp_path: Path) -> None:
     unsound = green | {"key": "torchvision/alexnet", "sound": False, "errors": {"verify": "InvarianceError: g3"}}
     cache = {"results": {r["key"]: r for r in (green, unsound)}, "timm_catalog": {}}
     out = tmp_path / "compat.md"
-    sweep.write_report(cache, out, "python benchmarks/zoo_sweep.py --only x")
+    sweep.write_report(cache, out, ["python benchmarks/zoo_sweep.py --only x"])
     text = out.read_text()
     assert "python benchmarks/zoo_sweep.py --only x" in text
     assert "| torchvision | 2 | 1 | 1 | 0 | 0 | 1 |" in text
