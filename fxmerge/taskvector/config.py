@@ -237,9 +237,14 @@ def merge_from_config(cfg: TaskVectorConfig, out_dir: str | Path | None, *, prog
         config_file = [("config", cfg._file)] if cfg._file is not None else []
         return run_merge(out=out_dir, progress=progress, overwrite=overwrite, inputs=config_file, **kwargs)
     except TaskVectorError as exc:
-        if str(exc).startswith(("models[", "parameters.")):
+        if _is_parameter_error(str(exc)):
             raise ConfigError(f"config {exc}") from exc
         raise
+
+
+def _is_parameter_error(message: str) -> bool:
+    """Whether a merge error is about a ``parameters:`` value of the config (not about an input file)."""
+    return message.startswith("parameters.") or (message.startswith("models[") and ".parameters." in message)
 
 
 _RUN_ARGS = ("base", "models", "labels", "method", "weights", "density", "lam", "seed", "scope")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +88,37 @@ def assert_rejected(tmp_path: Path, cfg: dict | str, *fragments: str) -> str:
     assert not out.exists() and not out.parent.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
     return output
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """``folder`` made unwritable for the duration: chmod for a normal user, ``chattr +i`` for root (whom
+    permissions do not stop); skips the test where neither works."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr +i: cannot make a read-only folder")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def json_failure(proc: subprocess.CompletedProcess, status: int, error_type: str, *fragments: str) -> str:
+    """Check a ``--json`` run failed per docs/cli.md: exit ``status``, one ``error:`` line (the last on stderr,
+    no traceback) holding every fragment, and one JSON document on stdout repeating it; returns the message."""
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = errors[0].removeprefix("error: ")
+    for fragment in fragments:
+        assert fragment in message, message
+    assert json.loads(proc.stdout) == {"ok": False, "error": message, "error_type": error_type}
+    return message
