@@ -27,8 +27,8 @@ from fxmerge.merge.engine import weight_similarity as _wsim
 from fxmerge.merge.features import activation_correlations
 from fxmerge.merge.partial import build_multihead
 from fxmerge.merge.report import SpaceDetail, space_detail
-from fxmerge.merge.spaces import find_spaces
-from fxmerge.merge.transform import Transforms, merge_state, perms_from
+from fxmerge.merge.spaces import families, find_spaces
+from fxmerge.merge.transform import Transforms, load_merged, merge_state, perms_from
 from fxmerge.verify import require_sound
 
 METHODS = ("average", "rebasin", "act_align", "zipit", "wzip", "mudsc")
@@ -139,7 +139,7 @@ def merge(
     tr, log, sims = _solve(method, spec, spaces, states, act, opts, alpha, gen, max_sweeps, patience)
     t3 = time.perf_counter()
     merged = copy.deepcopy(models[0])
-    merged.load_state_dict(merge_state(spec, states, tr))
+    load_merged(merged, merge_state(spec, states, tr))
     info: dict[str, Any] = {}
     if stop_at is not None:
         cg = spec.graph if spec.graph is not None else capture(models[0], example_inputs, frontend)
@@ -246,12 +246,12 @@ def _act_then_weights(spec, spaces, states, act, opts, ident) -> tuple[Transform
     """Spaces with activation probes are matched on activations; the rest (e.g. heads inside an opaque
     attention leaf) on weights, with the activation-matched neighbours' transforms applied."""
     n = len(states)
-    with_act = [k for k in spaces if act.get(k) is not None]
+    with_act = [k for fam in families(spaces) if all(act.get(k) is not None for k in fam) for k in fam]
     tr = dict(ident)
     sims = {k: act[k] for k in with_act}
     tr.update(solve_spaces(with_act, spaces, sims, n, opts))
-    rest = [k for k in spaces if k not in with_act]
-    sims.update({k: _weight_sim(spec, spaces[k], states, tr) for k in rest})
+    rest = [k for k in spaces if k not in with_act]  # a family with unprobed spaces: those on weights
+    sims.update({k: act[k] if act.get(k) is not None else _weight_sim(spec, spaces[k], states, tr) for k in rest})
     tr.update(solve_spaces(rest, spaces, {k: sims[k] for k in rest}, n, opts))
     return tr, sims
 

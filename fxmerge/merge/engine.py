@@ -9,7 +9,8 @@ import torch
 from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching, align, align_groups, assign_blocks, block_scores, zip_groups, zip_match
-from fxmerge.merge.spaces import Space
+from fxmerge.merge.spaces import Space, families, is_simple
+from fxmerge.merge.structured import solve_family
 from fxmerge.merge.transform import Transforms, identity_matching, transform_param
 
 
@@ -69,21 +70,21 @@ def _symmetric(gram: torch.Tensor) -> torch.Tensor:
 def solve_spaces(
     keys: list[Layout], spaces: dict[Layout, Space], sims: dict[Layout, torch.Tensor], n: int, opts: MatchOptions
 ) -> Transforms:
-    """Match each listed space; structured spaces sharing an outer group share one block assignment."""
+    """Match each listed space. Spaces sharing groups (a family) are solved together: structured spaces of
+    one outer group share one block assignment, and every shared group gets one matching (see
+    :mod:`fxmerge.merge.structured`); the result may also hold ``G(gid)`` entries for the family's groups."""
     out: Transforms = {}
-    by_outer: dict[int, list[Layout]] = {}
-    for k in keys:
-        sp = spaces[k]
-        if sp.structured:
-            by_outer.setdefault(sp.outer, []).append(k)
+    for fam in families({k: spaces[k] for k in keys}):
+        if len(fam) == 1 and not spaces[fam[0]].structured:
+            out[fam[0]] = _match_plain(sims[fam[0]], [spaces[fam[0]].size] * n, opts)
+        elif is_simple(fam):
+            g = spaces[fam[0]].n_blocks
+            scores = sum(block_scores(sims[k], [spaces[k].size] * n, g) for k in fam)
+            blocks = assign_blocks(scores)
+            for k in fam:
+                out[k] = _match_groups(sims[k], [spaces[k].size] * n, g, blocks, opts)
         else:
-            out[k] = _match_plain(sims[k], [sp.size] * n, opts)
-    for ks in by_outer.values():
-        g = spaces[ks[0]].n_blocks
-        scores = sum(block_scores(sims[k], [spaces[k].size] * n, g) for k in ks)
-        blocks = assign_blocks(scores)
-        for k in ks:
-            out[k] = _match_groups(sims[k], [spaces[k].size] * n, g, blocks, opts)
+            out.update(solve_family(fam, spaces, sims, n, opts))
     return out
 
 
@@ -126,7 +127,7 @@ def coordinate_descent(
     last_sims: dict[Layout, torch.Tensor] = {}
     log = SolveLog()
     stale = 0
-    groups = _outer_groups(spaces)
+    groups = families(spaces)
     for _ in range(max_sweeps):
         order = torch.randperm(len(groups), generator=generator).tolist()
         for i in order:
@@ -149,20 +150,6 @@ def coordinate_descent(
             if stale >= patience:
                 break
     return best, log
-
-
-def _outer_groups(spaces: dict[Layout, Space]) -> list[list[Layout]]:
-    """Spaces solved together: structured spaces of one outer group form one unit of work."""
-    out: list[list[Layout]] = []
-    seen: dict[int, int] = {}
-    for k, sp in spaces.items():
-        if sp.structured:
-            if sp.outer in seen:
-                out[seen[sp.outer]].append(k)
-                continue
-            seen[sp.outer] = len(out)
-        out.append([k])
-    return out
 
 
 def identity_transforms(spaces: dict[Layout, Space], n: int) -> Transforms:

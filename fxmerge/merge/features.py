@@ -17,7 +17,7 @@ from fxmerge.capture.trace import CapturedGraph, capture, eval_mode
 from fxmerge.errors import CaptureError, MergeError
 from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.merge.spaces import Space
+from fxmerge.merge.spaces import Space, occurrences
 from fxmerge.stats import CorrelationAccumulator
 from fxmerge.stats.batches import feature_rows, iter_inputs
 
@@ -53,6 +53,28 @@ def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Lay
     return out
 
 
+def probe_slices(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Layout, list[tuple[str, tuple, int, int]]]:
+    """Up to ``MAX_PROBES`` evenly spaced activation points per space: ``(node, axes, offset, unit)``.
+
+    A probe's layout may hold a space anywhere inside it (one part of a fused output, the heads of a
+    ``[heads x head_dim]`` axis pair whose dims are fixed): position ``p`` of the space is then the columns
+    ``offset + p*unit .. + unit`` of the probe's features, and the ``unit`` columns of a position are extra samples.
+    """
+    cands: dict[Layout, list[tuple[str, tuple, int, int]]] = {}
+    for node, axes, lay in spec.layout_probes:
+        for key, offset, unit in occurrences(lay):
+            if key in spaces:
+                cands.setdefault(key, []).append((node, tuple(axes), offset, unit))
+    out = {}
+    for key, pts in cands.items():
+        pts = list(dict.fromkeys(pts))
+        if len(pts) > MAX_PROBES:
+            step = (len(pts) - 1) / (MAX_PROBES - 1)
+            pts = [pts[round(i * step)] for i in range(MAX_PROBES)]
+        out[key] = pts
+    return out
+
+
 def activation_correlations(
     models: list[nn.Module],
     spec: PermutationSpec,
@@ -64,9 +86,9 @@ def activation_correlations(
     seed: int = 0,
     max_batches: int | None = None,
 ) -> dict[Layout, torch.Tensor]:
-    """Pearson correlation over the stacked units of all models, per plain space with probe points."""
-    probes = probe_points(spec, spaces)
-    keep = {node for pts in probes.values() for node, _ in pts}
+    """Pearson correlation over the stacked units of all models, per space with probe points."""
+    probes = probe_slices(spec, spaces)
+    keep = {node for pts in probes.values() for node, *_ in pts}
     frontend = spec.graph.frontend if spec.graph is not None else "auto"
     graphs = _GraphCache(models, example_inputs, frontend, keep)
     accs = {k: CorrelationAccumulator([spaces[k].size] * len(models)) for k in probes}
@@ -83,7 +105,8 @@ def activation_correlations(
     result = {}
     for k, acc in accs.items():
         acc.all_reduce()
-        result[k] = acc.correlation()
+        if acc.count > 1:
+            result[k] = acc.correlation()
     return result
 
 
@@ -159,9 +182,28 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
         recs.append(rec.values)
     for k, pts in probes.items():
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        for node, axis in pts:
+        size = accs[k].dims[0]
+        for node, axis, offset, unit in pts:
             feats = []
             for values in recs:
                 g = torch.Generator().manual_seed(seed)
-                feats.append(feature_rows(values[node], axis, g))
-            accs[k].update(feats)
+                f = feature_rows(values[node], axis, g)[:, offset : offset + size * unit]
+                feats.append(f.reshape(-1, size, unit).transpose(1, 2).reshape(-1, size))
+            keep_rows = _regular_rows(feats, recs[0][node].dtype)
+            if keep_rows is not None:
+                feats = [f[keep_rows] for f in feats]
+            if feats[0].shape[0]:
+                accs[k].update(feats)
+
+
+def _regular_rows(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows (samples) without masking sentinels: values near the dtype's largest magnitude (an attention
+    mask's ``finfo.min`` added to scores) carry no information and overflow second moments. None: all rows."""
+    if not dtype.is_floating_point:
+        return None
+    limit = torch.finfo(dtype).max / 16
+    bad = None
+    for f in feats:
+        rows = (f.abs() >= limit).any(dim=1)
+        bad = rows if bad is None else bad | rows
+    return None if bad is None or not bool(bad.any()) else ~bad

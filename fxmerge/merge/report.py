@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxmerge.ir.layout import G, Layout
+from fxmerge.ir.layout import G, Layout, LFixed, Prod, describe
 from fxmerge.match import Matching
 from fxmerge.merge.spaces import Space
 
@@ -31,11 +31,14 @@ class SpaceDetail:
 
 
 def space_name(key: Layout) -> str:
-    """``g3`` for a plain group; ``g5x[g6,g7]`` for heads of outer group 5 with inner groups 6 and 7."""
+    """``g3`` for a plain group; ``g5x[g6,g7]`` for heads of outer group 5 with inner groups 6 and 7; the layout's
+    compact form (``g4xg3x(g1,g2)``) for other block layouts."""
     if isinstance(key, G):
         return f"g{key.gid}"
-    inner = ",".join(dict.fromkeys(f"g{i.gid}" if isinstance(i, G) else "fixed" for i in key.inners))
-    return f"g{key.outer.gid}x[{inner}]"
+    if isinstance(key, Prod) and isinstance(key.outer, G) and all(isinstance(i, (G, LFixed)) for i in key.inners):
+        inner = ",".join(dict.fromkeys(f"g{i.gid}" if isinstance(i, G) else "fixed" for i in key.inners))
+        return f"g{key.outer.gid}x[{inner}]"
+    return describe(key)  # nested blocks / fused per-block layouts, e.g. g4xg3x(g1,g2)
 
 
 def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor]) -> float:

@@ -10,9 +10,12 @@ the average of the aligned models).
 
 from __future__ import annotations
 
-import torch
+from collections import OrderedDict
 
-from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
+import torch
+from torch import nn
+
+from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod, groups_in
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching
 
@@ -67,18 +70,13 @@ def apply_layout(
                           for pc, p in zip(pieces, lay.parts, strict=True)], dim=axis)  # fmt: skip
     assert isinstance(lay, Prod)
     inner = lay.inners[0].size
-    if all(isinstance(i, LFixed) for i in lay.inners):
+    if not any(groups_in(i) for i in lay.inners):  # whole blocks of fixed entries move with the outer
         return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip, mode)
-    if isinstance(lay.outer, LFixed):
+    if not groups_in(lay.outer):  # blocks that never move: each inner on its own
         pieces = torch.split(x, inner * unit, dim=axis)
         return torch.cat([apply_layout(pc, axis, i, m, n_models, tr, average, unit, skip, mode)
                           for pc, i in zip(pieces, lay.inners, strict=True)], dim=axis)  # fmt: skip
-    # nested blocks: whole blocks move with the outer group, inner groups kept at the identity
-    if isinstance(lay.outer, Prod):
-        return apply_layout(x, axis, lay.outer, m, n_models, tr, average, unit * inner, skip, mode)
-    if lay.outer in tr and lay.outer != skip:
-        return _along(x, axis, _matrix(tr[lay.outer], m, mode), unit * inner)
-    return x / scale
+    return x / scale  # a structured layout without a matching (not a merge space here): kept in place
 
 
 def averaging_axis(spec: PermutationSpec, name: str) -> int | None:
@@ -133,15 +131,42 @@ def identity_matching(size: int, n_models: int) -> Matching:
 
 def perms_from(spec: PermutationSpec, key: Layout, mt: Matching, m: int) -> dict[int, torch.Tensor]:
     """Group permutations realising a one-to-one matching of model ``m`` onto the merged order."""
-    full = mt.unmerge[m].T.argmax(dim=1)  # merged unit k <- unit full[k] of model m
-    if isinstance(key, G):
-        return {key.gid: full}
-    assert isinstance(key, Prod) and isinstance(key.outer, G)
-    c = key.inners[0].size
-    blocks = full.view(-1, c)[:, 0] // c
-    out = {key.outer.gid: blocks}
-    for k, b in enumerate(blocks.tolist()):
-        inner = key.inners[b]
-        if isinstance(inner, G):
-            out[inner.gid] = full[k * c : (k + 1) * c] - b * c
+    full = mt.unmerge[m].T.argmax(dim=1)  # merged position k <- position full[k] of model m
+    out: dict[int, torch.Tensor] = {}
+    _perms_of(key, full, None, out)
     return out
+
+
+def _perms_of(lay: Layout, full: torch.Tensor, inner: list[Layout] | None, out: dict[int, torch.Tensor]) -> None:
+    """Read the group permutations off ``full`` (positions of span ``lay``, relative to its start); ``inner``
+    gives the layout inside each position of ``lay`` when ``lay`` is the outer of a block layout."""
+    w = 1 if inner is None else inner[0].size
+    if isinstance(lay, LFixed):
+        for q in range(lay.size if inner is not None else 0):
+            _perms_of(inner[q], full[q * w : (q + 1) * w] - q * w, None, out)
+    elif isinstance(lay, G):
+        blocks = full.view(-1, w)[:, 0] // w
+        out[lay.gid] = blocks
+        for k, b in enumerate(blocks.tolist() if inner is not None else []):
+            _perms_of(inner[b], full[k * w : (k + 1) * w] - b * w, None, out)
+    elif isinstance(lay, Cat):
+        off = 0
+        for part in lay.parts:
+            sub = None if inner is None else inner[off : off + part.size]
+            _perms_of(part, full[off * w : (off + part.size) * w] - off * w, sub, out)
+            off += part.size
+    else:
+        c = lay.inners[0].size
+        inners = list(lay.inners) if inner is None else [
+            Prod(lay.inners[b], tuple(inner[b * c : (b + 1) * c])) for b in range(lay.outer.size)]  # fmt: skip
+        _perms_of(lay.outer, full, inners, out)
+
+
+def load_merged(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load merged tensors into ``model`` (a copy of model 0) through ``load_state_dict`` with the model's own
+    state-dict metadata, so modules whose load hooks read it (versioned BatchNorm, torchvision's MNASNet) load."""
+    meta = getattr(model.state_dict(), "_metadata", None)
+    ordered = OrderedDict(state)
+    if meta is not None:
+        ordered._metadata = meta  # type: ignore[attr-defined]
+    model.load_state_dict(ordered)

@@ -1,12 +1,11 @@
 """``fxmerge.merge``: exact recovery of permuted copies, averaging, group integrity, N = 3, determinism,
 untouched inputs and error messages.
 
-Recovery tests run in float64. ``B = P(A)`` (``P`` a random permutation of every group the merge engine
-can carry) is merged with ``A``: a correct matcher finds ``P^-1``, and the average of ``A`` and
+Recovery tests run in float64. ``B = P(A)`` (``P`` a random permutation of every group of the spec, nested
+GQA groups included) is merged with ``A``: a correct matcher finds ``P^-1``, and the average of ``A`` and
 ``P^-1(B) = A`` is ``A`` itself, so the merged outputs equal A's up to float64 round-off (atol 1e-8).
-Zipping two identical units also gives the unit back. Groups listed in ``report["identity_groups"]`` are
-kept at the identity by design (e.g. the per-head dims of tiny_llama's nested GQA layout): their permutations
-cannot be recovered, so they are left unpermuted here.
+Zipping two identical units also gives the unit back. The zoo-wide version of this test (transformers,
+torchvision, timm) is ``tests/merge/test_recovery_zoo.py``.
 """
 
 from __future__ import annotations
@@ -87,9 +86,7 @@ BUILDERS: dict[str, Callable[[int], tuple[nn.Module, tuple]]] = {
     "grouped_cnn": lambda seed: build_spec(GROUPED_CNN),  # grouped conv (seed ignored)
     "nanogpt": lambda seed: zoo.build("nanogpt", seed),  # fused qkv, 4 SDPA heads
     "vit_small": lambda seed: zoo.build("vit_small", seed),  # nn.MultiheadAttention leaf, 4 heads
-    "tiny_llama": lambda seed: zoo.build(
-        "tiny_llama", seed
-    ),  # GQA: whole kv heads move, per-head dims stay identity
+    "tiny_llama": lambda seed: zoo.build("tiny_llama", seed),  # GQA: kv heads x query heads x head dims
 }
 RECOVERY_MODELS = list(BUILDERS)
 
@@ -129,24 +126,13 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def carried_groups(c: Case) -> list[int]:
-    """Groups the engine merges (all except ``report["identity_groups"]``)."""
-    result = fxmerge.merge(
-        [c.model, c.model], method="average", example_inputs=c.example_inputs, progress=False
-    )
-    stuck = set(result.report["identity_groups"])
-    return [g.id for g in result.spec.groups if g.id not in stuck]
-
-
 @functools.cache
 def permuted(name: str, seed: int = 3) -> nn.Module:
-    """A copy of ``case(name)`` with every carried group permuted at random (a symmetry: same outputs)."""
+    """A copy of ``case(name)`` with every group permuted at random (a symmetry: same outputs)."""
     c = case(name)
     spec = fxmerge.infer_groups(c.model, c.example_inputs)
-    groups = carried_groups(c)
-    assert groups, f"{name}: the merge engine carries no group"
-    perms = spec.random_perms(torch.Generator().manual_seed(seed), groups)
-    return spec.apply(c.model, perms)
+    assert len(spec), f"{name}: no permutation group"
+    return spec.apply(c.model, spec.random_perms(torch.Generator().manual_seed(seed)))
 
 
 # ------------------------------------------------------------------------------------- exact recovery
@@ -190,12 +176,13 @@ def test_zip_methods_recover_a_permuted_copy(name: str, entry: tuple[str, dict])
     assert_recovers(result.model, c)
 
 
-def test_tiny_llama_keeps_nested_gqa_groups_at_identity() -> None:
-    """Documents the limitation the recovery tests work around: GQA's per-head dims are not carried."""
-    c = case("tiny_llama")
+@pytest.mark.parametrize("name", RECOVERY_MODELS)
+def test_every_group_is_carried_by_a_merge_space(name: str) -> None:
+    """No group is left at the identity: nested GQA groups (kv heads x query heads x head dims), shared inner
+    groups and fused per-head layouts are all matched, so every permutation above is recoverable."""
+    c = case(name)
     result = merge([c.model, c.model], c, "average")
-    stuck = set(result.report["identity_groups"])
-    assert stuck and stuck < {g.id for g in result.spec.groups}
+    assert result.report["identity_groups"] == []
 
 
 def test_reset_bn_on_recovered_model_equals_reset_of_the_original() -> None:
