@@ -36,9 +36,44 @@ Conventions shared by all commands:
 * `--json`: exactly one JSON document on stdout, also on failure (`{"ok": false, "error": ..., "error_type": ...}`);
   status lines are silenced, progress bars (unless `--quiet`) and error messages go to stderr.
 * Both may be given before the command (`fxmerge --json inspect ...`) or after it.
-* Exit status: `0` success, `2` invalid input (config, arguments, model reference; nothing is written),
-  `1` the work failed (merge, export check, invariance).
 * `package.module:callable` references are imported with the current folder on the module path.
+
+## The contract
+
+**Errors.** Every failure of every command is reported the same way: one line `error: MESSAGE` on stderr (no
+traceback), and with `--json` the JSON document above on stdout. Messages name the command's flags
+(`--overwrite`, `--exporter trace`), where the Python functions name their keywords (`overwrite=True`).
+Values are parsed strictly: a shape is positive integers separated by commas (`2,x`, `-1,8` are errors),
+tolerances are finite numbers >= 0, `--out` of `export` ends in `.onnx`.
+
+**Exit status.**
+
+| status | meaning |
+|---|---|
+| `0` | success |
+| `2` | invalid input, and nothing is written: arguments and their values, the config, paths (an output that overlaps an input, holds files fxmerge did not write, or cannot be written), model and data references and whatever their code raises (import errors, syntax errors, exceptions), missing or corrupt input files (`error_type` is `UsageError`, `ConfigError`, `UserCodeError`, an `OutputPathError` or another `InputError`) |
+| `1` | the work failed: a merge, an export check, an invariance check; or an error fxmerge did not expect |
+| `130` / `143` | interrupted by Ctrl-C / terminated by SIGTERM, after removing the staging folder |
+
+**Outputs never touch inputs.** Before anything is written, every input path is resolved (the config,
+checkpoints, Hugging Face folders and their shards, data folders, the modules of references, `SOURCE`); an
+output that is, contains or lies inside one of them is refused.
+
+**Only complete outputs, only fxmerge's files replaced.** Outputs are written into a hidden staging folder
+`.NAME.<id>.fxmerge-stage` next to the target and moved into place when complete. The staging folder is
+locked while its run lives and removed on any error, Ctrl-C or SIGTERM; one left by a killed run (SIGKILL,
+power loss) is removed by the next run into the same place. Output folders (`merge`, `merge-tv`) carry a
+manifest `.fxmerge-manifest.json` of the files fxmerge wrote: `--overwrite` replaces such a folder only when
+it holds nothing else, and never deletes a file fxmerge did not write. `export` replaces an existing `.onnx`
+only when fxmerge wrote it. Identical runs write byte-identical files (`report.json` leaves out the wall-clock
+timings, which the `--json` result carries).
+
+**Exports are verified or refused.** `export` (and `outputs.onnx` of `merge`) writes a file only when
+onnxruntime reproduces PyTorch on the example inputs, a random batch of another size and, when given, your
+data (`--check-data`, the first batches of `data:`). The default exporter (`dynamo`, torch.export) refuses a
+model whose control flow depends on input values, naming the source line of the branch; the TorchScript
+tracer (`--exporter trace`) is an explicit choice, and its file is also checked on sign-flipped, rescaled
+and all-zero inputs and another batch size, which take a traced graph off the branches it recorded.
 """
 
 

@@ -298,3 +298,26 @@ def test_merge_tv_failed_work_exits_1(tmp_path, tv_inputs, monkeypatch):
     assert result.stderr.strip().splitlines()[-1] == "error: No space left on device"
     assert json.loads(result.stdout) == {"ok": False, "error": "No space left on device", "error_type": "OSError"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+# ------------------------------------------------------------------------------- the same from Python
+
+
+def test_python_writers_name_a_read_only_folder_and_the_keyword(tmp_path):
+    """save_state, export_onnx and merge_task_vectors into a read-only folder: an fxmerge error, no traceback
+    from deep inside; Python messages name the keyword (``overwrite=True``), not the CLI flag."""
+    from fxmerge.errors import ExportPathError, TaskVectorPathError
+
+    a, _ = parents()
+    with read_only(tmp_path / "ro"):
+        with pytest.raises(ExportPathError, match=f"cannot write in {tmp_path / 'ro'}"):
+            fxmerge.save_state(a, tmp_path / "ro" / "a.safetensors")
+        with pytest.raises(ExportPathError, match=f"cannot write in {tmp_path / 'ro'}"):
+            fxmerge.export_onnx(a, torch.randn(2, 6), tmp_path / "ro" / "a.onnx")
+        with pytest.raises(TaskVectorPathError, match=f"cannot write in {tmp_path / 'ro'}"):
+            fxmerge.merge_task_vectors(a, [a], method="task_arithmetic", out=tmp_path / "ro" / "out")
+        assert list((tmp_path / "ro").iterdir()) == []
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(TaskVectorPathError, match="pass overwrite=True to replace an earlier fxmerge output"):
+        fxmerge.merge_task_vectors(a, [a], method="task_arithmetic", out=tmp_path / "full")

@@ -25,6 +25,7 @@ def test_cli_reference_is_up_to_date():
     for command in ("inspect", "verify", "merge", "export", "merge-tv"):
         assert f"## `fxmerge {command}`" in text
     assert "### `data.image_folder`" in text and "| `max_batches` |" in text
+    assert "## The contract" in text and "| `2` | invalid input" in text and "| `1` | the work failed" in text
 
 
 @pytest.mark.parametrize("doc", [pytest.param("getting_started.md", marks=pytest.mark.slow), "methods.md", "testing.md"])
