@@ -122,7 +122,9 @@ _VIS = {
     "num_attention_heads": 4,
     "intermediate_size": 128,
 }
-# Hugging Face: name -> (model_type, head, inputs, config kwargs, pattern). head: "base" = AutoModel,
+# Hugging Face: name -> (model_type, head, inputs, config kwargs, pattern). MoE models use
+# experts_implementation="eager" (a loop over expert Linear layers): the default "grouped_mm" calls
+# torch._grouped_mm, which has no float64 CPU kernel and no permutation rule. head: "base" = AutoModel,
 # "lm" = AutoModelForCausalLM (swept with attn_implementation sdpa AND eager); inputs: tokens | seq2seq |
 # pixels | clip | whisper.
 HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
@@ -203,8 +205,8 @@ HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
         "mixtral",
         "lm",
         "tokens",
-        {**_DEC, "num_local_experts": 4, "num_experts_per_tok": 2},
-        "sparse MoE (top-2 of 4)",
+        {**_DEC, "num_local_experts": 4, "experts_implementation": "eager", "num_experts_per_tok": 2},
+        "sparse MoE (top-2 of 4), eager experts loop",
     ),
     "qwen2_moe": (
         "qwen2_moe",
@@ -216,9 +218,10 @@ HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 64,
+            "experts_implementation": "eager",
             "decoder_sparse_step": 1,
         },
-        "MoE + gated shared expert",
+        "MoE + gated shared expert, eager experts loop",
     ),
     "olmo": ("olmo", "lm", "tokens", _DEC, "non-parametric LayerNorm"),
     "falcon": (
@@ -557,9 +560,13 @@ def _build_hf(name: str, g: Any) -> tuple[Any, Any, Callable[[Any], Any], dict]:
     base, _, attn = name.partition("[")
     attn = attn.rstrip("]")
     model_type, head, inputs, config, _ = HF[base]
+    config = dict(config)
+    experts = config.pop("experts_implementation", None)
     cfg = tf.AutoConfig.for_model(model_type, **config)
     auto = tf.AutoModelForCausalLM if head == "lm" else tf.AutoModel
     kwargs = {"attn_implementation": attn} if attn else {}
+    if experts:
+        kwargs["experts_implementation"] = experts
     model = auto.from_config(cfg, **kwargs)
     vocab = config.get("vocab_size", 128)
 
