@@ -122,9 +122,10 @@ _VIS = {
     "num_attention_heads": 4,
     "intermediate_size": 128,
 }
-# Hugging Face: name -> (model_type, head, inputs, config kwargs, pattern). MoE models use
-# experts_implementation="eager" (a loop over expert Linear layers): the default "grouped_mm" calls
-# torch._grouped_mm, which has no float64 CPU kernel and no permutation rule. head: "base" = AutoModel,
+# Hugging Face: name -> (model_type, head, inputs, config kwargs, pattern). MoE models run with the default
+# experts implementation ("grouped_mm": torch._grouped_mm, no float64 CPU kernel, no permutation rule); a config
+# entry "experts_implementation": "eager" selects the per-expert loop, which neither frontend can capture
+# (data-dependent control flow). head: "base" = AutoModel,
 # "lm" = AutoModelForCausalLM (swept with attn_implementation sdpa AND eager); inputs: tokens | seq2seq |
 # pixels | clip | whisper.
 HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
@@ -205,8 +206,8 @@ HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
         "mixtral",
         "lm",
         "tokens",
-        {**_DEC, "num_local_experts": 4, "experts_implementation": "eager", "num_experts_per_tok": 2},
-        "sparse MoE (top-2 of 4), eager experts loop",
+        {**_DEC, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "sparse MoE (top-2 of 4)",
     ),
     "qwen2_moe": (
         "qwen2_moe",
@@ -218,10 +219,9 @@ HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 64,
-            "experts_implementation": "eager",
             "decoder_sparse_step": 1,
         },
-        "MoE + gated shared expert, eager experts loop",
+        "MoE + gated shared expert",
     ),
     "olmo": ("olmo", "lm", "tokens", _DEC, "non-parametric LayerNorm"),
     "falcon": (
