@@ -14,6 +14,7 @@ diagnostics, so the fx and export frontends feed the same rules.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,9 @@ class RuleTable:
         entry = _get(self._rules, target)
         if entry is None and isinstance(target, torch._ops.OpOverload):
             entry = _get(self._rules, target.overloadpacket)
+        if entry is None and isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            packet = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+            entry = self._rules.get(("op", packet._qualified_op_name))
         return entry
 
     def lookup_method(self, name: str) -> RuleEntry | None:
@@ -80,7 +84,7 @@ class RuleTable:
 
 def _describe(target: Any) -> str:
     if isinstance(target, tuple):
-        return f"Tensor.{target[1]}"
+        return f"Tensor.{target[1]}" if target[0] == "method" else target[1]
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
     mod = getattr(target, "__module__", None)
     return f"{mod}.{name}" if mod and not isinstance(target, torch._ops.OpOverloadPacket) else str(name)
@@ -103,6 +107,8 @@ def canonical_targets(t: Any) -> list[Any]:
             if fn is not None:
                 out.append(fn)
             return out
+        if "::" in t and not t.startswith("aten::"):  # a torch.library op by name, e.g. "mylib::my_op"
+            return [("op", t.split(".", 1)[0])]
         if t.startswith(("aten.", "aten::")):
             name = t.replace("::", ".").split(".", 1)[1]
             packet_name, _, overload = name.partition(".")
@@ -110,11 +116,52 @@ def canonical_targets(t: Any) -> list[Any]:
             if packet is None:
                 return []
             return [getattr(packet, overload)] if overload else [packet]
-        raise ValueError(f"rule target {t!r}: strings must look like 'Tensor.view' or 'aten.view.default'")
+        raise ValueError(
+            f"rule target {t!r}: strings must look like 'Tensor.view', 'aten.view.default' or 'namespace::op' "
+            "(a torch.library op, matched by name without importing its library)"
+        )
     return [t]
 
 
-RULES = RuleTable()
+class _DefaultTable(RuleTable):
+    """The global table: the built-in rules are registered the first time the table is used (looked up,
+    copied or added to), so what a capture sees never depends on which fxmerge modules were imported first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module("fxmerge.infer.rules")
+
+    def register(self, targets: Iterable[Any], entry: RuleEntry, *, replace: bool = False) -> None:
+        self._load()
+        super().register(targets, entry, replace=replace)
+
+    def lookup_module(self, module: nn.Module) -> RuleEntry | None:
+        self._load()
+        return super().lookup_module(module)
+
+    def has_module(self, cls: type) -> bool:
+        self._load()
+        return super().has_module(cls)
+
+    def lookup_function(self, target: Any) -> RuleEntry | None:
+        self._load()
+        return super().lookup_function(target)
+
+    def lookup_method(self, name: str) -> RuleEntry | None:
+        self._load()
+        return super().lookup_method(name)
+
+    def copy(self) -> RuleTable:
+        self._load()
+        return super().copy()
+
+
+RULES: RuleTable = _DefaultTable()
 
 
 def rule(

@@ -244,3 +244,51 @@ def test_builtin_table_has_one_rule_per_target():
     assert RULES.lookup_function(F.batch_norm).key == "batch_norm"
     assert RULES.lookup_function(torch.batch_norm).key == "batch_norm"
     assert RULES.lookup_function(F.embedding).fn is not RULES.lookup_function(torch.embedding).fn
+
+
+# --------------------------------------------------------------------------------------- library ops by name
+@torch.library.custom_op("fxmerge_test::double_it", mutates_args=())
+def _double_it(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double_it.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.ops.fxmerge_test.double_it(self.a(x)))
+
+
+def test_rule_registered_by_op_name_matches_the_library_op():
+    table = RULES.copy()
+    rule("fxmerge_test::double_it", key="double_it", table=table)(lambda ctx, call: ctx.elementwise(call))
+    with pytest.raises(fxmerge.UnsupportedOpsError, match="double_it"):
+        fxmerge.infer_groups(UsesCustomOp(), torch.randn(3, 4), frontend="export")
+    spec = _sound(UsesCustomOp(), torch.randn(3, 4), frontend="export", rules=table)
+    assert [g.size for g in spec.groups] == [8]
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_grouped_matmul_is_permutable_and_sound():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=32)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else
+                    torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)  # fmt: skip
+    ids = {"input_ids": torch.randint(0, 64, (1, 8), generator=g)}
+    spec = fxmerge.infer_groups(model, ids)  # strict: every op has a rule
+    assert spec.verification is not None and not spec.verification.frozen
+    assert spec.coverage.permutable_fraction > 0.9
+    fxmerge.verify_invariance(model, spec, ids)

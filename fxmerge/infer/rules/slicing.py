@@ -158,8 +158,34 @@ def getitem(ctx: RuleContext, call: Call):
     return index_dims(ctx, obj, idx, call.out)
 
 
+def _one_tensor_index(ctx: RuleContext, x: TV, k: int, idx, out: torch.Tensor) -> Dims | None:
+    """``x[:, ..., idx, ...]`` with one integer index tensor at axis ``k`` and every other axis whole: axis ``k``
+    is frozen (which rows are read depends on data), the index's axes are fixed, the other axes pass through.
+    ``None`` when the call is not of that form."""
+    value = idx.value if isinstance(idx, TV) else idx
+    if not isinstance(value, torch.Tensor) or value.dtype in (torch.bool, torch.uint8) or value.is_floating_point():
+        return None
+    if tuple(out.shape) != (*x.shape[:k], *value.shape, *x.shape[k + 1 :]):
+        return None
+    ctx.freeze_axis(x, k, "indexed by a tensor (data-dependent rows)")
+    if isinstance(idx, TV):
+        ctx.freeze(idx, "index tensor")
+    return ctx.normalize((*x.dims[:k], *ctx.fixed(value.shape), *x.dims[k + 1 :]))
+
+
+def _whole(i) -> bool:
+    return isinstance(i, slice) and i == slice(None)
+
+
 def index_dims(ctx: RuleContext, x: TV, idx, out: torch.Tensor) -> Dims:
     items = list(idx) if isinstance(idx, tuple) else [idx]
+    tensors = [p for p, i in enumerate(items) if isinstance(i, (TV, torch.Tensor))]
+    if len(tensors) == 1 and all(_whole(i) or i is Ellipsis for p, i in enumerate(items) if p != tensors[0]):
+        p = tensors[0]
+        k = p if Ellipsis not in items[:p] else x.ndim - (len(items) - p)
+        dims = _one_tensor_index(ctx, x, k, items[p], out)
+        if dims is not None:
+            return dims
     if any(isinstance(i, (TV, torch.Tensor, list, bool)) for i in items):
         ctx.freeze(x, "advanced (tensor) indexing")
         for i in items:
@@ -200,7 +226,15 @@ def index_dims(ctx: RuleContext, x: TV, idx, out: torch.Tensor) -> Dims:
 
 @rule(*torch_forms("index", "_unsafe_index", "masked_select", "nonzero", "take", "put"), key="index")
 def index(ctx: RuleContext, call: Call):
-    """Data-dependent indexing: every axis involved is frozen."""
+    """Data-dependent indexing: the indexed axes are frozen (every axis, unless one axis is indexed by one
+    integer tensor: ``aten.index(x, [None, idx])``)."""
+    x, indices = call.args[0], call.args[1] if len(call.args) > 1 else None
+    if isinstance(x, TV) and isinstance(indices, (list, tuple)) and isinstance(call.out, torch.Tensor):
+        given = [p for p, i in enumerate(indices) if i is not None]
+        if len(given) == 1:
+            dims = _one_tensor_index(ctx, x, given[0], indices[given[0]], call.out)
+            if dims is not None:
+                return dims
     for tv in call.tensors():
         ctx.freeze(tv, f"data-dependent indexing ({call.key})")
     return ctx.fixed(call.out.shape)
