@@ -23,7 +23,8 @@ def stochastic_depth(ctx: RuleContext, call: Call):
     return ctx.elementwise(call, [call.arg(0, "input")])
 
 
-@rule("transformers::grouped_mm_fallback", *aten_packets("_grouped_mm"), key="grouped_mm")
+@rule("transformers::grouped_mm_fallback", _optional("torch.nn.functional.grouped_mm"), *aten_packets("_grouped_mm"),
+      key="grouped_mm")  # fmt: skip
 def grouped_mm(ctx: RuleContext, call: Call):
     """Mixture-of-experts grouped matmul: ``input [tokens, K]`` (sorted by expert) times ``weight [experts, K, N]``
     with cumulative token offsets. K links the input to every expert's rows, N every expert's columns to the
