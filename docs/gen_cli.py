@@ -70,7 +70,7 @@ timings, which the `--json` result carries).
 
 **Exports are verified or refused.** `export` (and `outputs.onnx` of `merge`) writes a file only when
 onnxruntime reproduces PyTorch on the example inputs, a random batch of another size and, when given, your
-data (`--check-data`, the first batches of `data:`). The default exporter (`dynamo`, torch.export) refuses a
+data (`--check-data`; for `outputs.onnx_exporter: trace`, the first batches of `data:`). The default exporter (`dynamo`, torch.export) refuses a
 model whose control flow depends on input values, naming the source line of the branch; the TorchScript
 tracer (`--exporter trace`) is an explicit choice, and its file is also checked on sign-flipped, rescaled
 and all-zero inputs and another batch size, which take a traced graph off the branches it recorded.

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -33,6 +34,7 @@ from fxmerge.errors import FxmergeError, InputError
 from fxmerge.outputs import cli_names, terminate_raises
 
 EXIT_WORK, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+TERMINATED = 128 + signal.SIGTERM  # the SystemExit status SIGTERM raises while staging folders are open
 DEBUG_ENV = "FXMERGE_TRACEBACK"  # set to 1 to print the traceback of an unexpected error
 
 
@@ -132,8 +134,8 @@ class _Main(click.Group):
                 result = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
             status = result if isinstance(result, int) else 0
         except BaseException as exc:  # every failure is reported the same way
-            if isinstance(exc, SystemExit) and exc.code in (None, 0):
-                raise
+            if isinstance(exc, SystemExit) and exc.code != TERMINATED:
+                raise  # an exit click or a command chose (a closed pipe): not a failure to report
             status = report_failure(classify(exc), "--json" in argv)
         if standalone_mode:
             sys.exit(status)
@@ -214,7 +216,8 @@ EXPORT_NAMES = {"path": "--out", "dynamic_batch=False": "--no-dynamic-batch", "e
                 "exporter='trace'": "--exporter trace", "check_data": "--check-data", "opset": "--opset",
                 "atol": "--atol", "rtol": "--rtol", "input_shape": "--input-shape", "source": "SOURCE",
                 "checkpoint": "--checkpoint"}  # fmt: skip
-MERGE_NAMES = {"out_dir": "--out", "overwrite=True": "--overwrite"}
+MERGE_NAMES = {"out_dir": "--out", "overwrite=True": "--overwrite", "check_data": "data:",
+               "exporter='trace'": "outputs.onnx_exporter: trace", "dynamic_batch=False": "outputs.onnx_dynamic_batch: false"}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- commands

@@ -50,7 +50,7 @@ class SpecError(FxmergeError):
 
 
 class MergeError(FxmergeError):
-    """Models, data or options given to a merge are invalid."""
+    """A merge failed, or cannot use the models, data or options it was given."""
 
 
 class ExportError(FxmergeError):

@@ -295,15 +295,19 @@ def _share(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def publish_dir(stage: Path, out: Path, error: ErrorType, keyword: str = "out") -> None:
+def publish_dir(stage: Path, out: Path, error: ErrorType, *, overwrite: bool, keyword: str = "out") -> None:
     """Write ``stage``'s manifest and move it to ``out``; an existing ``out`` (an earlier fxmerge output, checked
-    again now) is moved into a staging folder first and removed once the new one is in place."""
+    again now: it may have appeared while the run worked) is moved into a staging folder first and removed once
+    the new one is in place."""
     write_manifest(stage)
     _share(stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not (out.is_dir() and any(out.iterdir())):
         os.replace(stage, out)
         return
+    if not overwrite:
+        raise error(f"{name(keyword)} {out} was filled while this run worked; pass {name('overwrite=True')} to "
+                    "replace it, or choose a new one")  # fmt: skip
     check_replaceable_dir(out, error, keyword)
     old = open_stage(out.parent, out.name, error)
     try:

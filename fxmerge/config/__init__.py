@@ -17,8 +17,8 @@ Schema (paths relative to the YAML file)::
       # callable: mypkg.data:batches     # returns an iterable of batches
     evaluate: mypkg.eval:accuracy        # optional: fn(model) -> {metric: float}
     input_shape: [1, 3, 224, 224]        # optional default for every model
-    outputs: {checkpoint: true, onnx: false, onnx_dynamic_batch: true, report: true, plots: true,
-              max_heatmaps: 24}
+    outputs: {checkpoint: true, onnx: false, onnx_dynamic_batch: true, onnx_exporter: dynamo, report: true,
+              plots: true, max_heatmaps: 24}
 
 See docs/cli.md and docs/getting_started.md.
 """

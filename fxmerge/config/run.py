@@ -100,7 +100,7 @@ def run_merge_config(
         report = build_report(cfg, result, metrics, files, time.perf_counter() - started, stage)
         if cfg.outputs.report:
             (stage / REPORT_FILE).write_text(json.dumps(reproducible(report), indent=1) + "\n")
-        publish_folder(stage, out)
+        publish_folder(stage, out, overwrite)
     say(f"wrote {out}")
     return report
 
@@ -185,8 +185,10 @@ def _same_layout(a: nn.Module, b: nn.Module) -> bool:
 
 
 def write_onnx(stage: Path, cfg: MergeConfig, model: nn.Module, inputs: Any, data: Iterable[Any] | None) -> dict:
-    """``model.onnx`` with the configured exporter, checked also on the first batches of ``data:``."""
-    checks = list(itertools.islice(iter(data), ONNX_CHECK_BATCHES)) if data is not None else None
+    """``model.onnx`` with the configured exporter. The tracer's file is also checked on the first batches of
+    ``data:`` (the inputs it will be fed); torch.export's capture holds for every input."""
+    traced = cfg.outputs.onnx_exporter == "trace"
+    checks = list(itertools.islice(iter(data), ONNX_CHECK_BATCHES)) if traced and data is not None else None
     rep = export_onnx(model, inputs, stage / ONNX_FILE, exporter=cfg.outputs.onnx_exporter, check_data=checks,
                       dynamic_batch=cfg.outputs.onnx_dynamic_batch)  # fmt: skip
     return {"file": ONNX_FILE, "exporter": rep.exporter, "opset": rep.opset, "max_abs_diff": rep.max_abs_diff,
@@ -283,6 +285,6 @@ def staging_folder(out: Path) -> Iterator[Path]:
         yield stage
 
 
-def publish_folder(stage: Path, out: Path) -> None:
-    """Move ``stage`` to ``out`` with its manifest, replacing an earlier fxmerge output there."""
-    publish_dir(stage, out, OutputPathError, "out_dir")
+def publish_folder(stage: Path, out: Path, overwrite: bool) -> None:
+    """Move ``stage`` to ``out`` with its manifest, replacing an earlier fxmerge output there (``overwrite``)."""
+    publish_dir(stage, out, OutputPathError, overwrite=overwrite, keyword="out_dir")

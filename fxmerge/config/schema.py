@@ -206,7 +206,8 @@ class OutputsConfig(_Strict):
     onnx: bool = Field(False, description="model.onnx, verified in onnxruntime against PyTorch")
     onnx_dynamic_batch: bool = Field(True, description="keep the ONNX batch dimension dynamic")
     onnx_exporter: Literal["dynamo", "trace"] = Field(
-        "dynamo", description="dynamo (refuses value-dependent control flow) or trace (checked on data: batches)")
+        "dynamo", description="dynamo (torch.export: refuses value-dependent control flow) or trace (the "
+        "TorchScript tracer, also checked on the first data: batches and on inputs that take other branches)")
     report: bool = Field(True, description="report.json")
     plots: bool = Field(True, description="PNG charts under plots/")
     max_heatmaps: int = Field(24, ge=0, description="at most this many per-space similarity heatmaps")

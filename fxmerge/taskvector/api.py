@@ -225,7 +225,7 @@ def _execute(base: TensorSource, models: list[TensorSource], opts: MergeOptions,
     infos = {p.name: p.out for p in plans}
     report = MergeReport(opts.method, len(models), len(plans), sum(p.merge for p in plans),
                          sum(i.numel for i in infos.values()), sum(i.numel * i.dtype.itemsize for i in infos.values()))
-    writer = ShardedWriter(Path(out), infos, opts.shard_size) if out is not None else None
+    writer = ShardedWriter(Path(out), infos, opts.shard_size, opts.overwrite) if out is not None else None
     dens = [x.at("", 0) for x in d]
     global_pass = opts.scope == "global" and opts.spec.sparsify == "magnitude" and min(dens) < 1.0
     tick, close = _progress(opts, _n_steps(plans, opts, global_pass))

@@ -102,8 +102,9 @@ class ShardedWriter:
     output, disjoint from the inputs); it is checked again when the result replaces it.
     """
 
-    def __init__(self, out_dir: Path, infos: Mapping[str, TensorInfo], shard_size: int) -> None:
+    def __init__(self, out_dir: Path, infos: Mapping[str, TensorInfo], shard_size: int, overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
         self.infos = dict(infos)
         self.shards = plan_shards(self.infos, shard_size)
         self._order: Iterator[tuple[Shard, str]] = ((s, n) for s in self.shards for n in s.names)
@@ -176,7 +177,7 @@ class ShardedWriter:
             self._write_index()
         if config_dir is not None:
             _copy_config(config_dir, self.tmp, out_dtype)
-        publish_dir(self.tmp, self.out_dir, TaskVectorPathError)
+        publish_dir(self.tmp, self.out_dir, TaskVectorPathError, overwrite=self.overwrite)
         self._stage.release()
         return self.out_dir
 

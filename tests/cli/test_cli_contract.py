@@ -177,6 +177,15 @@ def test_merge_success_is_byte_identical_across_runs(tmp_path, checkpoints):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one", "two"]  # no staging folder
 
 
+def test_merge_onnx_with_the_tracer_is_checked_on_the_data(tmp_path, checkpoints):
+    cfg = write_yaml(tmp_path, base_config(outputs={"onnx": True, "onnx_exporter": "trace", "plots": False}))
+    proc = in_process("--json", "merge", str(cfg), "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    onnx = json.loads(proc.stdout)["report"]["files"]["onnx"]
+    assert onnx["exporter"] == "trace" and onnx["max_abs_diff"] < 1e-4
+    assert onnx["checks"][2:6] == [f"data: batch #{k}" for k in range(1, 5)] and "all-zero example inputs" in onnx["checks"]
+
+
 def test_merge_never_writes_over_its_inputs(tmp_path, checkpoints):
     """The issue's case 2: --out on the folder holding the checkpoints, with --overwrite, deletes nothing."""
     cfg = write_yaml(tmp_path, base_config())

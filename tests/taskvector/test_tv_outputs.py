@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tv_refs import make_models
 
 from fxmerge.errors import TaskVectorPathError
-from fxmerge.outputs import MANIFEST, STAGE_SUFFIX, Stage, foreign_entries, remove_stale
+from fxmerge.outputs import MANIFEST, STAGE_SUFFIX, Stage, foreign_entries, publish_dir, remove_stale
 from fxmerge.taskvector import merge_task_vectors
 from fxmerge.taskvector.sources import TensorInfo
 from fxmerge.taskvector.writer import ShardedWriter
@@ -120,3 +120,18 @@ def test_the_manifest_lists_what_fxmerge_wrote(tmp_path):
     assert foreign_entries(out) == ["model.safetensors.index.json", "sub/x"]
     with pytest.raises(TaskVectorPathError, match=r"model.safetensors.index.json, sub/x"):
         merge_task_vectors(base, models, method="task_arithmetic", out=out, overwrite=True)
+
+
+def test_an_output_that_appears_during_the_run_is_replaced_only_with_overwrite(tmp_path):
+    base, models = make_models(n_models=2, seed=43)
+    merge_task_vectors(base, models, method="task_arithmetic", out=tmp_path / "out")  # another run finished first
+    theirs = _tree(tmp_path / "out")
+    stage = Stage(tmp_path, "out", TaskVectorPathError)
+    (stage.path / "model.safetensors").write_bytes(b"mine")
+    with pytest.raises(TaskVectorPathError, match="was filled while this run worked; pass overwrite=True"):
+        publish_dir(stage.path, tmp_path / "out", TaskVectorPathError, overwrite=False)
+    assert _tree(tmp_path / "out") == theirs
+    publish_dir(stage.path, tmp_path / "out", TaskVectorPathError, overwrite=True)
+    stage.discard()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
