@@ -7,15 +7,16 @@ memory is bounded by the space sizes, not by the data.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxmerge.capture.trace import CapturedGraph, capture, eval_mode
+from fxmerge.capture.trace import CapturedGraph, capture, eval_mode, model_state, split_inputs
 from fxmerge.errors import CaptureError, MergeError
-from fxmerge.ir.layout import Layout
+from fxmerge.ir.layout import Layout, groups_in
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.spaces import Space, occurrences
 from fxmerge.stats import CorrelationAccumulator
@@ -25,6 +26,9 @@ MAX_PROBES = 4
 
 
 class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps copies of the probe values (copies: a later in-place op, e.g. ``ReLU(inplace=True)``
+    after a conv, would otherwise turn the recorded conv output into the activation's output)."""
+
     def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
         super().__init__(gm)
         self.keep = keep
@@ -33,7 +37,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.keep and isinstance(out, torch.Tensor):
-            self.values[n.name] = out
+            self.values[n.name] = out.detach().clone()
         return out
 
 
@@ -89,8 +93,9 @@ def activation_correlations(
     """Pearson correlation over the stacked units of all models, per space with probe points."""
     probes = probe_slices(spec, spaces)
     keep = {node for pts in probes.values() for node, *_ in pts}
+    grouped = grouped_axes(spec)
     frontend = spec.graph.frontend if spec.graph is not None else "auto"
-    graphs = _GraphCache(models, example_inputs, frontend, keep)
+    graphs = _GraphCache(models, example_inputs, frontend, keep, spec.graph)
     accs = {k: CorrelationAccumulator([spaces[k].size] * len(models)) for k in probes}
     gen = torch.Generator().manual_seed(seed)
     batches = iter_inputs(data)
@@ -99,7 +104,7 @@ def activation_correlations(
         for i, (args, kwargs) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen)
+            _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen, grouped)
     if accs and all(acc.count == 0 for acc in accs.values()):
         raise MergeError("data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)")
     result = {}
@@ -114,20 +119,34 @@ class _GraphCache:
     """Captured graphs of every model, per input-shape signature.
 
     fx graphs run at any batch size; ``torch.export`` graphs are specialised to the example shapes, so a
-    batch of another shape (e.g. the last, smaller batch of a loader) gets its own capture.
+    batch of another shape (e.g. the last, smaller batch of a loader) gets its own capture. An exported graph
+    takes the parameters as inputs, so model 0's capture runs every model: each model gets it with its own
+    parameters bound (one export per shape instead of one per model and shape).
     """
 
-    def __init__(self, models: list[nn.Module], example_inputs: Any, frontend: str, keep: set[str]) -> None:
+    def __init__(
+        self, models: list[nn.Module], example_inputs: Any, frontend: str, keep: set[str],
+        base: CapturedGraph | None = None,
+    ) -> None:  # fmt: skip
         self.models = models
         self.keep = keep
-        self.frontend = frontend
-        first = self._capture(example_inputs, frontend)
+        first = self._capture(example_inputs, frontend, base if _fits(base, example_inputs) else None)
         self.frontend = first[0].frontend
         self.cache: dict[tuple, list[CapturedGraph]] = {}
         self.default = first
+        if self.frontend == "export":
+            self.cache[_shape_key(split_inputs(example_inputs))] = first
 
-    def _capture(self, inputs: Any, frontend: str) -> list[CapturedGraph]:
-        graphs = [capture(m, inputs, frontend) for m in self.models]
+    def _capture(self, inputs: Any, frontend: str, base: CapturedGraph | None = None) -> list[CapturedGraph]:
+        first = capture(self.models[0], inputs, frontend) if base is None else None
+        if first is None:  # the spec's own export of (a model like) model 0 at these shapes
+            first = _rebind(base, self.models[0] if _captured_from(base, self.models[0]) else None, self.models[0])
+            if first is None:
+                first = capture(self.models[0], inputs, frontend)
+        graphs = [first]
+        for m in self.models[1:]:
+            cg = _rebind(first, self.models[0], m) if first.frontend == "export" else None
+            graphs.append(cg if cg is not None else capture(m, inputs, first.frontend))
         for cg in graphs:
             if not self.keep <= {n.name for n in cg.gm.graph.nodes}:
                 raise MergeError("models do not capture to the same graph; merge models of one architecture")
@@ -144,6 +163,52 @@ class _GraphCache:
             except CaptureError as e:
                 raise MergeError(f"a data batch does not fit the model: {str(e)[:300]}") from e
         return self.cache[key]
+
+
+def _rebind(cg: CapturedGraph, source: nn.Module | None, model: nn.Module) -> CapturedGraph | None:
+    """``cg`` (exported from ``source``) running ``model``: its parameters and buffers bound in place of the
+    source's. None when ``model`` lacks one of them (other shapes) or has other non-persistent buffers (those
+    are baked into the graph as constants; with no ``source`` at hand, when it has any): then it is captured
+    on its own."""
+    state = model_state(model)
+    for fqn in cg.bindings.values():
+        if fqn not in state or state[fqn].shape != cg.state[fqn].shape or state[fqn].dtype != cg.state[fqn].dtype:
+            return None
+    ours = {n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in state}
+    theirs = {} if source is None else {n: b for n, b in source.named_buffers(remove_duplicate=False) if n not in state}
+    if source is None and ours:
+        return None
+    if any(name not in ours or not _same(buf, ours[name]) for name, buf in theirs.items()):
+        return None
+    return dataclasses.replace(cg, state=state)
+
+
+def _captured_from(cg: CapturedGraph, model: nn.Module) -> bool:
+    """Whether ``cg`` was captured from ``model`` itself (its bound tensors are the model's)."""
+    state = model_state(model)
+    return all(fqn in state and state[fqn].data_ptr() == t.data_ptr() for fqn, t in cg.state.items())
+
+
+def _fits(cg: CapturedGraph | None, example_inputs: Any) -> bool:
+    """Whether ``cg`` is an exported graph of these example inputs' structure, shapes and dtypes."""
+    if cg is None or cg.frontend != "export":
+        return False
+    try:
+        flat = cg.flat_inputs(*split_inputs(example_inputs))
+    except Exception:
+        return False
+    nodes = {n.name: n for n in cg.gm.graph.nodes if n.op == "placeholder"}
+    for name, value in flat.items():
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if isinstance(value, torch.Tensor) != isinstance(val, torch.Tensor):
+            return False
+        if isinstance(value, torch.Tensor) and (tuple(val.shape) != tuple(value.shape) or val.dtype != value.dtype):
+            return False
+    return True
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
 def _shape_key(obj: Any) -> tuple:
@@ -171,7 +236,31 @@ class _all_eval:
             c.__exit__(None, None, None)
 
 
-def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
+def grouped_axes(spec: PermutationSpec) -> dict[str, set[int]]:
+    """Per graph node, the axes of its value that carry a group."""
+    out: dict[str, set[int]] = {}
+    for node, axes, lay in spec.layout_probes:
+        if groups_in(lay):
+            out.setdefault(node, set()).update(axes)
+    return out
+
+
+def invariant_over(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """``t`` with its entries sorted over the joint ``axes`` (same shape): invariant to any permutation of them.
+
+    A probe's samples are the entries along its non-unit axes; where one of those axes carries a group (the
+    channels seen by a token-mixing MLP, the heads beside a head-dim probe), each model has it in its own order,
+    so the entries are sorted there first: the twin of a unit then has the same samples in every model.
+    """
+    if not axes:
+        return t
+    order = [d for d in range(t.ndim) if d not in axes] + list(axes)
+    y = t.permute(order)
+    flat = y.reshape(*y.shape[: t.ndim - len(axes)], -1).sort(dim=-1).values
+    return flat.reshape(y.shape).permute(sorted(range(t.ndim), key=order.__getitem__))
+
+
+def _accumulate(graphs, keep, probes, accs, args, kwargs, gen, grouped) -> None:
     recs = []
     for cg in graphs:
         rec = _Recorder(cg.gm, keep)
@@ -187,7 +276,8 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen) -> None:
             feats = []
             for values in recs:
                 g = torch.Generator().manual_seed(seed)
-                f = feature_rows(values[node], axis, g)[:, offset : offset + size * unit]
+                value = invariant_over(values[node], tuple(sorted(grouped.get(node, set()) - set(axis))))
+                f = feature_rows(value, axis, g)[:, offset : offset + size * unit]
                 feats.append(f.reshape(-1, size, unit).transpose(1, 2).reshape(-1, size))
             keep_rows = _regular_rows(feats, recs[0][node].dtype)
             if keep_rows is not None:

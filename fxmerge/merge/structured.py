@@ -89,8 +89,9 @@ class _Solver:
             has_inner = inner is not None and any(groups_in(i) for lay_in in inner for i in lay_in)
             if all(d is not None for d in decided):
                 if has_inner:
+                    perms = [decided[m].perm(m) for m in range(n)]
                     for k in range(lay0.size):
-                        src = [decided[m].perm(m)[k] for m in range(n)]
+                        src = [p[k] for p in perms]
                         self.walk(key, [inner[m][src[m]] for m in range(n)], None,
                                   [bases[m] + src[m] * w for m in range(n)], unit, occ, blocked)  # fmt: skip
                 return
@@ -204,6 +205,8 @@ class _Solver:
                 eye = torch.eye(w, dtype=torch.float64)
                 return ([torch.kron(d.matching.unmerge[m].double(), eye) for m in range(n)],
                         [torch.kron(d.matching.merge[m].double(), eye) for m in range(n)])  # fmt: skip
+            if not d.one_to_one:
+                raise MergeError(f"group g{lay0.gid} holds blocks with groups inside but was zipped; blocks move whole")
             src = [d.perm(m) for m in range(n)]
             subs = [self.compose([inner[m][src[m][k]] for m in range(n)], None, unit) for k in range(lay0.size)]
             widths = [s[0][0].shape[1] for s in subs]
