@@ -902,7 +902,7 @@ def _is_vit(module: str) -> bool:
     return any(w in module for w in _VIT_WORDS)
 
 
-def worker_main(key: str, result_path: str, catalog_path: str) -> None:
+def worker_main(key: str, result_path: str, catalog_path: str, stages: tuple[str, ...] = ("merge", "onnx")) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -915,14 +915,14 @@ def worker_main(key: str, result_path: str, catalog_path: str) -> None:
 
     rec: dict[str, Any] = {}
     try:
-        run_model(key, catalog, rec, save)
+        run_model(key, catalog, rec, save, stages=stages)
     except BaseException as e:
         rec["crash"] = _err(e)
         rec["trace"] = traceback.format_exc()[-3000:]
     save(rec)
 
 
-def run_one(key: str, timeout: float, catalog_path: str) -> dict[str, Any]:
+def run_one(key: str, timeout: float, catalog_path: str, stages: str = "merge,onnx") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = [
@@ -937,6 +937,8 @@ def run_one(key: str, timeout: float, catalog_path: str) -> dict[str, Any]:
             result,
             "--_catalog",
             catalog_path,
+            "--stages",
+            stages,
         ]
         t = time.perf_counter()
         proc = subprocess.Popen(
@@ -989,12 +991,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="only models not in the cache yet")
     p.add_argument("--report-only", action="store_true", help="regenerate --out from the cache and exit")
     p.add_argument("--list", action="store_true", help="print the selected model keys and exit")
+    p.add_argument(
+        "--stages", default="merge,onnx",
+        help="optional stages after infer + verify: 'merge,onnx' (default), 'onnx', 'merge' or 'none'",
+    )  # fmt: skip
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     p.add_argument("--_catalog", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
-        worker_main(args._worker, args._result, args._catalog)
+        worker_main(args._worker, args._result, args._catalog, tuple(x for x in args.stages.split(",") if x != "none"))
         return 0
 
     cache = load_cache(args.cache)
@@ -1019,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(entries)} models, timeout {args.timeout:.0f} s, {args.jobs} job(s)", flush=True)
 
     def one(entry: Entry) -> None:
-        rec = run_one(entry.key, args.timeout, catalog_path)
+        rec = run_one(entry.key, args.timeout, catalog_path, args.stages)
         rec["kind"], rec["pattern"] = kinds[entry.key].kind, kinds[entry.key].pattern
         cache["results"][entry.key] = rec
         save_cache(args.cache, cache)
