@@ -7,9 +7,7 @@ place with :func:`os.replace`, so a failed call never leaves a partial file behi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from matplotlib.patches import Rectangle
 
 from fxmerge.errors import MergeError
 from fxmerge.hetero.depth import MatrixLike, Segmentation, Where, as_similarity_matrix
+from fxmerge.plots._png import save_png
 
 __all__ = ["plot_cka_alignment"]
 
@@ -62,23 +61,8 @@ def _draw(fig: Figure, arr: np.ndarray, seg: Segmentation, where: Where, title: 
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small", frameon=False)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomic(fig: Figure, path: Path, dpi: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    save_png(fig, path, dpi)
 
 
 def plot_cka_alignment(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,8 +179,7 @@ class PermutationSpec:
         }
         text = json.dumps(obj, indent=indent)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
+            _write_spec(Path(path), text)
         return text
 
     @classmethod
@@ -228,6 +231,32 @@ class PermutationSpec:
 
     def layout_str(self, name: str) -> str:
         return "(" + ", ".join(describe(lay) for lay in self.axes[name]) + ")"
+
+
+def _is_spec_file(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"version", "groups", "axes"} <= set(obj)
+
+
+def _write_spec(target: Path, text: str) -> None:
+    """Atomic write; an existing file is replaced only if it is a spec fxmerge wrote."""
+    from fxmerge.errors import OutputPathError
+    from fxmerge.outputs import check_file_replaceable
+
+    check_file_replaceable(target, _is_spec_file, OutputPathError)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from fxmerge.errors import MergeError
+from fxmerge.errors import MergeError, OutputPathError
 from fxmerge.hetero.depth import align_stages
 from fxmerge.hetero.plot import plot_cka_alignment
 
@@ -58,7 +58,8 @@ def test_segments_are_drawn(tmp_path: Path) -> None:
 def test_existing_file_replaced_only_on_success(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c, seg = matrix_and_segmentation()
     target = tmp_path / "align.png"
-    target.write_bytes(b"old contents")
+    plot_cka_alignment(c, seg, target, figsize=(2.0, 2.0), dpi=40)  # an earlier fxmerge plot
+    old = target.read_bytes()
 
     def failing_savefig(self: Figure, fh, **kwargs) -> None:
         fh.write(PNG_SIGNATURE + b"partial")
@@ -67,13 +68,18 @@ def test_existing_file_replaced_only_on_success(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(Figure, "savefig", failing_savefig)
     with pytest.raises(OSError, match="disk full"):
         plot_cka_alignment(c, seg, target)
-    assert target.read_bytes() == b"old contents"
+    assert target.read_bytes() == old
     with pytest.raises(OSError, match="disk full"):
         plot_cka_alignment(c, seg, tmp_path / "new.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["align.png"]
     monkeypatch.undo()
     plot_cka_alignment(c, seg, target, figsize=(3.0, 3.0), dpi=40)
     assert png_size(target) == (120, 120)
+    foreign = tmp_path / "photo.png"
+    foreign.write_bytes(b"old contents")
+    with pytest.raises(OutputPathError, match="not written by fxmerge"):
+        plot_cka_alignment(c, seg, foreign)
+    assert foreign.read_bytes() == b"old contents"
 
 
 def test_invalid_inputs_write_nothing(tmp_path: Path) -> None:
