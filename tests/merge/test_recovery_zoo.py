@@ -303,3 +303,15 @@ def test_merge_with_permuted_copy_computes_the_model_heavy(name: str, method: st
 def test_averaging_does_not_recover() -> None:
     """The permutation is not trivial: plain averaging of A and B is far from A."""
     assert recovery_error("llama_sdpa", "average") > 1e-2
+
+
+def test_sample_axes_that_carry_a_group_are_made_permutation_invariant() -> None:
+    """Statistics sort a probe's grouped non-unit axes jointly: any permutation of them gives the same features
+    (the token-mixing units of an MLP-Mixer see the channels in each model's own order)."""
+    from fxmerge.merge.features import invariant_over
+
+    t = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(0))
+    joint = torch.randperm(6 * 4, generator=torch.Generator().manual_seed(1))
+    moved = t.permute(0, 2, 1, 3).reshape(2, 3, 24)[..., joint].reshape(2, 3, 6, 4).permute(0, 2, 1, 3)
+    assert torch.equal(invariant_over(t, (1, 3)), invariant_over(moved, (1, 3)))
+    assert torch.equal(invariant_over(t, ()), t)
