@@ -292,3 +292,24 @@ def test_mixture_of_experts_grouped_matmul_is_permutable_and_sound():
     assert spec.verification is not None and not spec.verification.frozen
     assert spec.coverage.permutable_fraction > 0.9
     fxmerge.verify_invariance(model, spec, ids)
+
+
+class NormArgForms(nn.Module):
+    """Norm calls whose trailing arguments differ by form: rms_norm(x, shape, weight, eps) has no bias slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.w, self.bias = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.rand(8) - 0.5)
+
+    def forward(self, x):
+        h = F.rms_norm(self.a(x), (8,), self.w, 1e-6)
+        h = F.layer_norm(h, (8,), weight=self.w, bias=self.bias)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_norm_arguments_bound_by_form(frontend):
+    spec = _sound(NormArgForms(), torch.randn(3, 4), frontend=frontend)
+    (g,) = spec.groups
+    assert {(m.param, m.axis) for m in g.members} >= {("w", 0), ("bias", 0), ("a.weight", 0), ("b.weight", 1)}

@@ -69,11 +69,18 @@ def native_batch_norm(ctx: RuleContext, call: Call):
     return [out_dims, *rest]
 
 
-def _layer_norm(ctx: RuleContext, x: TV, n_norm: int, w: TV | None, b: TV | None, out_shape):
+def _layer_norm(ctx: RuleContext, x: TV, n_norm: int, affine: list[TV], out_shape):
+    """Statistics over the last ``n_norm`` axes; every affine tensor follows the trailing axes."""
     ctx.mix(x, list(range(x.ndim - n_norm, x.ndim)))
     letters = LETTERS[: x.ndim]
     tail = letters[x.ndim - n_norm :]
-    ops = [(x, letters)] + [(p, tail[len(tail) - p.ndim :]) for p in (w, b) if p is not None]
+    ops = [(x, letters)]
+    for p in affine:
+        if p.ndim > n_norm or tuple(p.shape) != tuple(x.shape[x.ndim - p.ndim :]):
+            ctx.freeze(p, "normalisation argument that does not match the normalised axes")
+            ctx.freeze(x, "normalisation with an argument that does not match the normalised axes")
+        else:
+            ops.append((p, tail[len(tail) - p.ndim :]))
     return ctx.link(ops, letters, out_shape)
 
 
@@ -81,23 +88,23 @@ def _layer_norm(ctx: RuleContext, x: TV, n_norm: int, w: TV | None, b: TV | None
 def layer_norm_module(ctx: RuleContext, call: Call):
     shape = call.module.normalized_shape
     n = 1 if isinstance(shape, int) else len(shape)
-    return _layer_norm(ctx, call.arg(0, "input"), n, call.param("weight"), call.param("bias"), call.out.shape)
+    affine = [p for p in (call.param("weight"), call.param("bias")) if p is not None]
+    return _layer_norm(ctx, call.arg(0, "input"), n, affine, call.out.shape)
 
 
 @rule(F.layer_norm, F.rms_norm, *torch_forms("layer_norm", "rms_norm"), key="layer_norm")
 def layer_norm(ctx: RuleContext, call: Call):
     shape = call.arg(1, "normalized_shape")
     n = 1 if isinstance(shape, int) else len(shape)
-    return _layer_norm(ctx, call.arg(0, "input"), n, call.arg(2, "weight", None), call.arg(3, "bias", None),
-                       call.out.shape)  # fmt: skip
+    x = call.arg(0, "input")
+    return _layer_norm(ctx, x, n, _per_channel(call, x), call.out.shape)  # rms_norm's 4th argument is eps
 
 
 @rule(*torch_forms("native_layer_norm", "_fused_rms_norm"), key="layer_norm")
 def native_layer_norm(ctx: RuleContext, call: Call):
     x = call.arg(0, "input")
     n = len(call.arg(1, "normalized_shape"))
-    w, b = call.arg(2, "weight", None), call.arg(3, "bias", None)
-    out_dims = _layer_norm(ctx, x, n, w, b, call.out[0].shape)
+    out_dims = _layer_norm(ctx, x, n, _per_channel(call, x), call.out[0].shape)
     stats = [same_prefix(ctx, out_dims, o.shape) for o in call.out[1:]]
     return [out_dims, *stats]
 
