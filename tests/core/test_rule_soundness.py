@@ -313,3 +313,21 @@ def test_norm_arguments_bound_by_form(frontend):
     spec = _sound(NormArgForms(), torch.randn(3, 4), frontend=frontend)
     (g,) = spec.groups
     assert {(m.param, m.axis) for m in g.members} >= {("w", 0), ("bias", 0), ("a.weight", 0), ("b.weight", 1)}
+
+
+class Im2Col(nn.Module):
+    """Unfold into patches (TNT / VOLO style), then a linear layer over the patch features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.lin = nn.Conv2d(3, 4, 1), nn.Linear(4 * 4, 5)
+
+    def forward(self, x):
+        patches = F.unfold(self.conv(x), kernel_size=2, stride=2)  # [N, 4*2*2, L]
+        return self.lin(patches.transpose(1, 2))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_unfold_keeps_channels_with_fixed_taps(frontend):
+    spec = _sound(Im2Col(), torch.randn(2, 3, 6, 6), frontend=frontend)
+    assert [g.size for g in spec.groups] == [4]

@@ -103,5 +103,6 @@ def unfold(ctx: RuleContext, call: Call):
         ctx.freeze_axis(x, i, "unfold mixes neighbouring positions")
     chan = ctx.plain(x.dims[-3])
     taps = out.shape[-2] // chan.size
-    lead = ctx.link([(x.dims[:-3], LETTERS[: x.ndim - 3])], LETTERS[: x.ndim - 3], out.shape[:-3])
+    n_lead = x.ndim - 3  # [N,] C, H, W -> [N,] C*taps, L
+    lead = ctx.link([(x.dims[:n_lead], LETTERS[:n_lead])], LETTERS[:n_lead], out.shape[:n_lead])
     return ctx.normalize((*lead, product(chan, [Fixed(taps)] * chan.size), *ctx.fixed(out.shape[-1:])))
