@@ -23,10 +23,12 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
+from typing import IO
 
 try:
     import fcntl
@@ -332,3 +334,24 @@ def check_file_replaceable(target: Path, owned: Callable[[Path], bool], error: E
             f"{target} exists and was not written by fxmerge; fxmerge never replaces other files: delete it "
             f"yourself, or choose another {name(keyword)}"
         )
+
+
+def write_owned_file(target: Path, write: Callable[[IO[bytes]], None], owned: Callable[[Path], bool],
+                     error: ErrorType, keyword: str = "path") -> Path:  # fmt: skip
+    """Write one user-named file atomically (temporary file + rename, usual permissions); an existing file is
+    replaced only if ``owned`` recognises it as fxmerge's."""
+    check_file_replaceable(target, owned, error, keyword)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target

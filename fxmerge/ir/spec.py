@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,19 +241,9 @@ def _is_spec_file(path: Path) -> bool:
 def _write_spec(target: Path, text: str) -> None:
     """Atomic write; an existing file is replaced only if it is a spec fxmerge wrote."""
     from fxmerge.errors import OutputPathError
-    from fxmerge.outputs import check_file_replaceable
+    from fxmerge.outputs import write_owned_file
 
-    check_file_replaceable(target, _is_spec_file, OutputPathError)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_owned_file(target, lambda fh: fh.write(text.encode()), _is_spec_file, OutputPathError)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -41,12 +41,8 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Layout, list[tuple[str, tuple]]]:
-    """Up to ``MAX_PROBES`` evenly spaced (node, axes) activation points per space."""
-    cands: dict[Layout, list[tuple[str, tuple]]] = {}
-    for node, axes, lay in spec.layout_probes:
-        if lay in spaces:
-            cands.setdefault(lay, []).append((node, tuple(axes)))
+def _spread(cands: dict) -> dict:
+    """Per key: the distinct candidates, thinned to ``MAX_PROBES`` evenly spaced along the graph."""
     out = {}
     for key, pts in cands.items():
         pts = list(dict.fromkeys(pts))
@@ -55,6 +51,15 @@ def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Lay
             pts = [pts[round(i * step)] for i in range(MAX_PROBES)]
         out[key] = pts
     return out
+
+
+def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Layout, list[tuple[str, tuple]]]:
+    """Up to ``MAX_PROBES`` evenly spaced (node, axes) activation points per space."""
+    cands: dict[Layout, list[tuple[str, tuple]]] = {}
+    for node, axes, lay in spec.layout_probes:
+        if lay in spaces:
+            cands.setdefault(lay, []).append((node, tuple(axes)))
+    return _spread(cands)
 
 
 def probe_slices(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Layout, list[tuple[str, tuple, int, int]]]:
@@ -69,14 +74,7 @@ def probe_slices(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Lay
         for key, offset, unit in occurrences(lay):
             if key in spaces:
                 cands.setdefault(key, []).append((node, tuple(axes), offset, unit))
-    out = {}
-    for key, pts in cands.items():
-        pts = list(dict.fromkeys(pts))
-        if len(pts) > MAX_PROBES:
-            step = (len(pts) - 1) / (MAX_PROBES - 1)
-            pts = [pts[round(i * step)] for i in range(MAX_PROBES)]
-        out[key] = pts
-    return out
+    return _spread(cands)
 
 
 def activation_correlations(
