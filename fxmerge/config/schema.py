@@ -30,7 +30,8 @@ from pydantic import (
 
 from fxmerge.config.refs import check_callable, check_model_ref, resolve_path
 from fxmerge.errors import ConfigError
-from fxmerge.merge.api import METHODS, NEEDS_DATA
+from fxmerge.merge.methods import aliases_of, method_class, method_names, resolve_method, settings_of
+from fxmerge.merge.options import HeteroOptions, MergeOptions
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HETERO_ONLY = ("where", "blocks", "cka_batches")
@@ -68,7 +69,9 @@ class ModelEntry(_Strict):
     """One entry of ``models:``: a model reference, optional weights and example-input shape."""
 
     model: str = Field(description="torchvision:NAME, timm:NAME, hf:CONFIG_DIR or package.module:callable")
-    checkpoint: str | None = Field(None, description="state dict to load: .pt/.pth/.bin (torch.save) or .safetensors")
+    checkpoint: str | None = Field(
+        None, description="state dict to load: .pt/.pth/.bin (torch.save) or .safetensors"
+    )
     input_shape: Shape = Field(None, description="example input shape, e.g. [1, 3, 224, 224]")
 
     @field_validator("model")
@@ -89,57 +92,87 @@ class ModelEntry(_Strict):
         return str(path)
 
 
-class MergeOptions(_Strict):
-    """``options:``, the keyword arguments of ``fxmerge.merge`` (see docs/methods.md)."""
-
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="mudsc: weight share of the weight vs activation similarity")
-    matcher: Literal["align", "zip"] = Field("align", description="mudsc: one-to-one alignment or zipping")
-    seed: int = Field(0, description="seed of the random sweep order and sampling")
-    reset_bn: bool = Field(True, description="re-estimate BatchNorm statistics on the data after merging")
-    repair: bool = Field(False, description="REPAIR: rescale producer layers to the parents' statistics (needs data)")
-    stop_at: str | None = Field(None, description="partial zipping: merge up to this module, keep N tails after it")
-    depth: Literal["lma", "sma", "uniform"] | None = Field(None, description="merge models of different depth")
-    width: str | int | dict[int, int] | None = Field(
-        None, description="merge models of different width: 'max', 'min', a width, or {group id: width}")
-    where: Literal["start", "end"] = Field("start", description="depth: a shallow block goes to its segment's start/end")
-    blocks: list[list[str | list[str]] | None] | None = Field(
-        None, description="depth: per model, its block module names (default: found automatically)")
-    cka_batches: int | None = Field(None, ge=1, description="depth: batches used for the CKA alignment")
-    zip_alpha: float = Field(0.5, ge=0.0, le=1.0, description="ZipIt: decay of a merged unit's further matches")
-    zip_beta: float = Field(1.0, ge=0.0, description="ZipIt: budget of within-model merges")
-    max_batches: int | None = Field(None, ge=1, description="use at most this many data batches per pass")
-    max_sweeps: int = Field(30, ge=1, description="rebasin/mudsc: coordinate-descent sweeps at most")
-    patience: int = Field(5, ge=1, description="mudsc: stop after this many sweeps without improvement")
-    frontend: Literal["auto", "fx", "export"] = Field("auto", description="graph capture: torch.fx or torch.export")
-
-    @field_validator("width")
-    @classmethod
-    def _width(cls, value: str | int | dict[int, int] | None) -> str | int | dict[int, int] | None:
-        if isinstance(value, str) and value not in ("max", "min"):
-            raise ValueError(f"must be 'max', 'min', a positive width or a mapping group id -> width, got {value!r}")
-        widths = value.values() if isinstance(value, dict) else [value] if isinstance(value, int) else []
-        if any(w < 1 for w in widths):
-            raise ValueError(f"widths must be >= 1, got {value}")
-        return value
+class Options(dict):
+    """``options:``, the keyword arguments of ``fxmerge.merge``: the method's settings (see
+    :mod:`fxmerge.merge.methods`; ``zip_alpha``/``zip_beta`` name ZipIt's ``alpha``/``beta``), the fields of
+    :class:`fxmerge.merge.MergeOptions` and of :class:`fxmerge.merge.HeteroOptions`. They are validated by those
+    very objects (one source of truth), see :func:`option_errors`."""
 
     @property
     def hetero(self) -> bool:
         """Whether depth or width heterogeneity is switched on."""
-        return self.depth is not None or self.width is not None
+        return self.get("depth") is not None or self.get("width") is not None
+
+    @property
+    def depth(self) -> str | None:
+        return self.get("depth")
 
     def merge_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`fxmerge.merge` (the depth/width options only when they apply)."""
-        kwargs = self.model_dump()
-        if not self.hetero:
-            for key in HETERO_ONLY:
-                kwargs.pop(key)
-        return kwargs
+        """Keyword arguments for :func:`fxmerge.merge` (only what the config sets; defaults live in fxmerge)."""
+        return dict(self)
+
+
+def _options(value: Any) -> Options:
+    if value is None:
+        return Options()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping of option: value, got {type(value).__name__}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"option names must be strings, got {bad[0]!r}")
+    return Options(value)
+
+
+OptionsField = Annotated[Options, BeforeValidator(_options)]
+
+
+def option_errors(method: str, options: Mapping[str, Any]) -> list[str]:
+    """``options.key: message`` lines from validating ``options`` with the method's own settings object,
+    :class:`~fxmerge.merge.MergeOptions` and :class:`~fxmerge.merge.HeteroOptions`."""
+    cls = method_class(method)
+    alias = aliases_of(cls)
+    names = set(settings_of(cls))
+    own = {k: v for k, v in options.items() if k in MergeOptions.model_fields}
+    het = {k: v for k, v in options.items() if k in HeteroOptions.model_fields}
+    mine = {k: v for k, v in options.items() if k not in own and k not in het}
+    errors: list[str] = []
+    for key in mine:
+        if alias.get(key, key) not in names:
+            allowed = sorted({*names, *alias, *MergeOptions.model_fields, *HeteroOptions.model_fields})
+            owners = [n for n in method_names() if key in settings_of(method_class(n)) or key in aliases_of(
+                method_class(n))]  # fmt: skip
+            where = f"; it is a setting of {', '.join(owners)}" if owners else _suggest(key, allowed)
+            errors.append(
+                f"options.{key}: not a setting of method {method!r}{where} (allowed: {', '.join(allowed)})"
+            )
+    if errors:
+        return errors
+    back = {v: k for k, v in alias.items() if k in mine}
+    for target, values, rename in ((cls, {alias.get(k, k): v for k, v in mine.items()}, back),
+                                   (MergeOptions, own, {}), (HeteroOptions, het, {})):  # fmt: skip
+        try:
+            target(**values)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(rename.get(p, p)) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                got = (
+                    f" (got {err['input']!r})"
+                    if err["type"] not in ("value_error",) and "input" in err
+                    else ""
+                )
+                errors.append(f"options.{loc}: {msg}{got}")
+        except TypeError as exc:  # a plain-dataclass method of a user
+            errors.append(f"options: {exc}")
+    return errors
 
 
 class DigitsData(_Strict):
     """scikit-learn's bundled 8x8 digits as ``[B, 1, 8, 8]`` images (nothing is downloaded)."""
 
-    classes: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1, description="digits to use")
+    classes: list[int] = Field(
+        default_factory=lambda: list(range(10)), min_length=1, description="digits to use"
+    )
     split: Literal["train", "test"] = Field("train", description="which part of the stratified split")
     batch_size: int = Field(64, ge=1)
     limit: int | None = Field(None, ge=1, description="use at most this many images")
@@ -202,12 +235,16 @@ class DataConfig(_Strict):
 class OutputsConfig(_Strict):
     """``outputs:``, what is written into the output folder."""
 
-    checkpoint: bool = Field(True, description="model.safetensors + model.safetensors.json (fxmerge.load_state)")
+    checkpoint: bool = Field(
+        True, description="model.safetensors + model.safetensors.json (fxmerge.load_state)"
+    )
     onnx: bool = Field(False, description="model.onnx, verified in onnxruntime against PyTorch")
     onnx_dynamic_batch: bool = Field(True, description="keep the ONNX batch dimension dynamic")
     onnx_exporter: Literal["dynamo", "trace"] = Field(
-        "dynamo", description="dynamo (torch.export: refuses value-dependent control flow) or trace (the "
-        "TorchScript tracer, also checked on the first data: batches and on inputs that take other branches)")
+        "dynamo",
+        description="dynamo (torch.export: refuses value-dependent control flow) or trace (the "
+        "TorchScript tracer, also checked on the first data: batches and on inputs that take other branches)",
+    )
     report: bool = Field(True, description="report.json")
     plots: bool = Field(True, description="PNG charts under plots/")
     max_heatmaps: int = Field(24, ge=0, description="at most this many per-space similarity heatmaps")
@@ -223,9 +260,11 @@ class MergeConfig(_Strict):
     """A validated ``fxmerge merge`` config."""
 
     models: list[ModelEntry] = Field(min_length=2, description="two or more models of one architecture")
-    method: str = Field(description=", ".join(METHODS))
-    options: MergeOptions = Field(default_factory=MergeOptions, description="keyword arguments of fxmerge.merge")
-    data: DataConfig | None = Field(None, description="input batches (needed by act_align, zipit, mudsc, repair)")
+    method: str = Field(description="a registered method: " + ", ".join(method_names()))
+    options: OptionsField = Field(default_factory=Options, description="keyword arguments of fxmerge.merge")
+    data: DataConfig | None = Field(
+        None, description="input batches (needed by act_align, zipit, mudsc, repair)"
+    )
     evaluate: str | None = Field(None, description="package.module:fn; fn(model) returns {metric: float}")
     input_shape: Shape = Field(None, description="default input_shape of every model")
     outputs: OutputsConfig = Field(default_factory=OutputsConfig, description="what to write into --out")
@@ -235,8 +274,11 @@ class MergeConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(METHODS)}{_suggest(value, METHODS)}")
+        names = method_names()
+        if value not in names:
+            raise ValueError(
+                f"unknown method {value!r}; choose one of {', '.join(names)}{_suggest(value, names)}"
+            )
         return value
 
     @field_validator("evaluate")
@@ -256,20 +298,41 @@ class MergeConfig(_Strict):
 
 def cross_field_errors(cfg: MergeConfig) -> list[str]:
     """Problems that involve several fields, as ``field: message`` lines."""
-    errors = []
+    errors = option_errors(cfg.method, cfg.options)
+    if errors:
+        return errors
     opts = cfg.options
-    if cfg.method in NEEDS_DATA and cfg.data is None:
-        errors.append(f"data: method {cfg.method!r} needs data for activation statistics; add a data: section")
-    if opts.repair and cfg.data is None:
-        errors.append("options.repair: REPAIR needs data to measure the parents' statistics; add a data: section")
-    if opts.repair and (opts.stop_at is not None or opts.matcher == "zip" or cfg.method in ("zipit", "wzip")):
+    cls = method_class(cfg.method)
+    if getattr(cls, "needs_data", False) and cfg.data is None:
+        errors.append(
+            f"data: method {cfg.method!r} needs data for activation statistics; add a data: section"
+        )
+    if opts.get("repair") and cfg.data is None:
+        errors.append(
+            "options.repair: REPAIR needs data to measure the parents' statistics; add a data: section"
+        )
+    one_to_one = getattr(
+        resolve_method(
+            cfg.method,
+            **{
+                k: v
+                for k, v in opts.items()
+                if k not in MergeOptions.model_fields and k not in HeteroOptions.model_fields
+            },
+        ),
+        "one_to_one",
+        False,
+    )
+    if opts.get("repair") and (opts.get("stop_at") is not None or not one_to_one):
         errors.append("options.repair: needs a one-to-one matching: use an align method (matcher: align) without "
                       "stop_at")  # fmt: skip
-    if opts.stop_at is not None and opts.hetero:
+    if opts.get("stop_at") is not None and opts.hetero:
         errors.append("options.stop_at: partial zipping cannot be combined with depth/width")
     for key in HETERO_ONLY:
-        if key in opts.model_fields_set and not opts.hetero:
-            errors.append(f"options.{key}: applies only to depth/width merges; set options.depth or options.width")
+        if key in opts and not opts.hetero:
+            errors.append(
+                f"options.{key}: applies only to depth/width merges; set options.depth or options.width"
+            )
     return errors
 
 
@@ -328,7 +391,9 @@ def _inner_model(tp: Any) -> type[BaseModel] | None:
 def parse_merge_config(data: Any, root: str | Path | None = None, source: str = "config") -> MergeConfig:
     """Validate an already-loaded mapping; ``root`` anchors relative paths (default: the current folder)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping with models, method, options, data, outputs")
+        raise ConfigError(
+            f"{source}: the top level must be a mapping with models, method, options, data, outputs"
+        )
     base = Path(root).absolute() if root is not None else Path.cwd()
     try:
         cfg = MergeConfig.model_validate(dict(data), context={"root": base})

@@ -27,39 +27,34 @@ from fxmerge.errors import MergeError
 from fxmerge.hetero.align import align_depth, block_cka, check_alignable
 from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
 from fxmerge.hetero.depth import Segmentation
-from fxmerge.hetero.engine import EngineOptions, merge_states
+from fxmerge.hetero.engine import merge_states
 from fxmerge.hetero.expand import Twin, expand
 from fxmerge.hetero.plot import plot_cka_alignment
 from fxmerge.hetero.width import WidthTarget, check_same_structure, group_sizes, resize_model, target_widths
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.merge.api import MergeResult, check_models_and_method
+from fxmerge.merge.checks import check_models_and_method, check_tensors
+from fxmerge.merge.methods import method_name, method_settings, resolve
+from fxmerge.merge.options import HeteroOptions, MergeOptions
+from fxmerge.merge.result import MergeResult
 
 __all__ = ["DEPTH_METHODS", "merge_hetero"]
 
 DEPTH_METHODS = ("lma", "sma", "uniform")
 IDENTITY_TOL = 1e-4  # relative deviation of a twin from its model above which padding is reported inexact
-_OPTIONS = {"alpha": 0.5, "matcher": "align", "seed": 0, "reset_bn": True, "progress": True, "frontend": "auto",
-            "max_sweeps": 30, "patience": 5, "zip_alpha": 0.5, "zip_beta": 1.0, "max_batches": None,
-            "spec": None, "repair": False}  # fmt: skip
 
 
-def _validate(models: Any, method: str, data: Any, depth: str | None, where: str, options: dict) -> None:
+def _validate(models: Any, method: Any, data: Any, het: HeteroOptions, opts: MergeOptions) -> None:
     check_models_and_method(models, method, data)
-    if depth is not None and depth not in DEPTH_METHODS:
-        raise MergeError(f"depth must be None or one of {DEPTH_METHODS}, got {depth!r}.")
-    if depth in ("lma", "sma") and data is None:
-        raise MergeError(f"depth={depth!r} aligns blocks by CKA on data; pass data or use depth='uniform'.")
-    if where not in ("start", "end"):
-        raise MergeError(f"where must be 'start' (paper) or 'end' (released code), got {where!r}.")
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise MergeError(f"merge_hetero does not support the option(s) {unknown}.")
-    if options.get("repair"):
+    if het.depth in ("lma", "sma") and data is None:
+        raise MergeError(
+            f"depth={het.depth!r} aligns blocks by CKA on data; pass data or use depth='uniform'."
+        )
+    if opts.repair:
         raise MergeError("repair=True is not supported for heterogeneous merges (zipped, padded models); "
                          "BatchNorm models are re-normalised with reset_bn=True.")  # fmt: skip
-    if options.get("spec") is not None:
-        raise MergeError("spec= cannot be used for heterogeneous merges: each model's spec is inferred separately.")
+    if opts.stop_at is not None:
+        raise MergeError("stop_at= (partial zipping) is not supported for heterogeneous merges.")
 
 
 def _overrides(blocks: Sequence[BlockOverride | None] | None, n: int) -> list[BlockOverride | None]:
@@ -71,7 +66,9 @@ def _overrides(blocks: Sequence[BlockOverride | None] | None, n: int) -> list[Bl
 
 
 def _depth_error(structs: list[BlockStructure]) -> MergeError:
-    desc = "; ".join(f"model {i}: {len(s.blocks)} blocks, stages {list(s.stages)}" for i, s in enumerate(structs))
+    desc = "; ".join(
+        f"model {i}: {len(s.blocks)} blocks, stages {list(s.stages)}" for i, s in enumerate(structs)
+    )
     return MergeError(f"the models differ in depth ({desc}); pass depth='lma', 'sma' or 'uniform'.")
 
 
@@ -112,7 +109,9 @@ def _seg_report(seg: Segmentation, where: str, shallow: int, slots: list[int]) -
             "shallow_model": shallow}  # fmt: skip
 
 
-def _twin_spec(twin: Twin, example_inputs: Any, frontend: str, ref: PermutationSpec, label: str) -> PermutationSpec:
+def _twin_spec(
+    twin: Twin, example_inputs: Any, frontend: str, ref: PermutationSpec, label: str
+) -> PermutationSpec:
     spec = infer_groups(twin.model, example_inputs, frontend=frontend)
     check_same_structure(ref, spec, ("the deep model", label))
     return spec
@@ -134,7 +133,9 @@ def _widths_report(sizes: list[dict[int, int]], targets: dict[int, int]) -> dict
     return {f"g{g}": {"sizes": [s[g] for s in sizes], "target": k} for g, k in targets.items()}
 
 
-def _width_error(sizes: list[dict[int, int]], absent: list[frozenset[int]], spec: PermutationSpec) -> MergeError | None:
+def _width_error(
+    sizes: list[dict[int, int]], absent: list[frozenset[int]], spec: PermutationSpec
+) -> MergeError | None:
     for g in spec.groups:
         vals = [s[g.id] for m, s in enumerate(sizes) if g.id not in absent[m]]
         if len(set(vals)) > 1:
@@ -151,7 +152,7 @@ def _has_bn(model: nn.Module) -> bool:
 def merge_hetero(
     models: list[nn.Module],
     *,
-    method: str,
+    method: Any,
     data: Any = None,
     example_inputs: Any,
     depth: str | None = None,
@@ -160,15 +161,15 @@ def merge_hetero(
     blocks: Sequence[BlockOverride | None] | None = None,
     cka_plot: str | os.PathLike[str] | None = None,
     cka_batches: int | None = None,
-    **options: Any,
+    **settings: Any,
 ) -> MergeResult:
     """Merge models of different depth and/or width into one model with the deepest model's graph.
 
     Args:
         models: 2 models for depth heterogeneity (N >= 2 when only widths differ). They must share
             stem, head and block kinds; the inputs are never modified.
-        method: a :data:`fxmerge.merge.METHODS` method. Equal widths (after depth padding) accept every
-            method; different widths need ``"zipit"`` (elastic zipping).
+        method: a registered method name or object (:mod:`fxmerge.merge.methods`). Equal widths (after depth
+            padding) accept every method; different widths need a zip matcher (``"zipit"``: elastic zipping).
         data: iterable of batches for CKA, activation statistics and the BatchNorm reset.
         example_inputs: inputs for one forward pass (tracing, shapes, identity checks).
         depth: ``"lma"`` (layer-wise, default choice), ``"sma"`` (segment-wise) or ``"uniform"``;
@@ -180,8 +181,8 @@ def merge_hetero(
         blocks: optional per-model block override: a list of module names (or lists of names) per model.
         cka_plot: optional PNG path for the CKA heatmap with the alignment.
         cka_batches: batches used for CKA (default: ``max_batches`` or all).
-        **options: the other :func:`fxmerge.merge` keywords (alpha, matcher, seed, reset_bn, progress,
-            frontend, max_sweeps, patience, zip_alpha, zip_beta, max_batches).
+        **settings: the method's settings and :class:`~fxmerge.merge.MergeOptions` fields (seed, reset_bn,
+            progress, frontend, max_batches), as for :func:`fxmerge.merge`.
 
     Returns:
         A :class:`~fxmerge.merge.MergeResult`; the report has ``"segmentation"`` (None without depth
@@ -192,13 +193,33 @@ def merge_hetero(
         MergeError: on bad arguments, models whose stems, heads, stages or layers do not correspond
             (the message says what differs), or models that differ in depth/width without ``depth``/``width``.
     """
+    het = {"depth": depth, "width": width, "where": where, "blocks": blocks, "cka_plot": cka_plot,
+           "cka_batches": cka_batches}  # fmt: skip
+    meth, opts, hopt = resolve(method, {**settings, **het}, None, None)
+    check_models_and_method(models, meth, data)
+    check_tensors(models)
+    return merge_hetero_with(
+        models, meth, data=data, example_inputs=example_inputs, options=opts, hetero=hopt
+    )
+
+
+def merge_hetero_with(
+    models: list[nn.Module], method: Any, *, data: Any, example_inputs: Any, options: MergeOptions,
+    hetero: HeteroOptions,
+) -> MergeResult:  # fmt: skip
+    """:func:`merge_hetero` on resolved objects (what :func:`fxmerge.merge` calls)."""
+    opt, het = options, hetero
+    depth, width, where = het.depth, het.width, het.where
+    cka_plot, cka_batches = het.cka_plot, het.cka_batches
     t0 = time.perf_counter()
-    _validate(models, method, data, depth, where, options)
-    opt = {**_OPTIONS, **options}
-    frontend, progress, max_batches = opt["frontend"], opt["progress"], opt["max_batches"]
-    overrides = _overrides(blocks, len(models))
+    _validate(models, method, data, het, opt)
+    frontend, progress, max_batches = opt.frontend, opt.progress, opt.max_batches
+    overrides = _overrides(het.blocks, len(models))
     specs = [infer_groups(m, example_inputs, frontend=frontend) for m in models]
-    structs = [find_blocks(m, example_inputs, spec=s, blocks=o) for m, s, o in zip(models, specs, overrides, strict=True)]
+    structs = [
+        find_blocks(m, example_inputs, spec=s, blocks=o)
+        for m, s, o in zip(models, specs, overrides, strict=True)
+    ]
     slots, info = _align(models, structs, data, depth, where, cka_plot,
                          cka_batches if cka_batches is not None else max_batches, progress)  # fmt: skip
     deep = info["deep_model"]
@@ -216,23 +237,21 @@ def merge_hetero(
         if err is not None:
             raise err
     targets = target_widths(sizes, width if width is not None else "max", absent)
-    opts = EngineOptions(method=method, alpha=opt["alpha"], matcher=opt["matcher"], seed=opt["seed"],
-                         zip_alpha=opt["zip_alpha"], zip_beta=opt["zip_beta"], max_sweeps=opt["max_sweeps"],
-                         patience=opt["patience"], max_batches=max_batches, progress=progress)  # fmt: skip
     t2 = time.perf_counter()
     state, engine_report = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
-                                        opts=opts, base=deep)  # fmt: skip
+                                        method=method, opts=opt, base=deep)  # fmt: skip
     resized = targets != group_sizes(specs[deep])
     skeleton = (resize_model(models[deep], specs[deep], targets, example_inputs=example_inputs) if resized
                 else copy.deepcopy(models[deep]))  # fmt: skip
     skeleton.load_state_dict(state)
-    if opt["reset_bn"] and data is not None and _has_bn(skeleton):
+    if opt.reset_bn and data is not None and _has_bn(skeleton):
         from fxmerge.passes.bn import reset_bn_stats
 
         skeleton = reset_bn_stats(skeleton, data, progress=progress, num_batches=max_batches)
     spec = infer_groups(skeleton, example_inputs, frontend=frontend) if resized else specs[deep]
     report = {
-        "method": method,
+        "method": method_name(method),
+        "settings": method_settings(method),
         "hetero": True,
         "depth": depth,
         "width": width,
@@ -247,7 +266,7 @@ def merge_hetero(
         "padded_blocks": {m: list(t.padded) for m, t in twins.items()},
         "absent_groups": {m: sorted(t.absent) for m, t in twins.items()},
         "identity_max_error": errors,
-        "options": {k: opt[k] for k in ("alpha", "matcher", "seed", "zip_alpha", "zip_beta", "reset_bn")},
+        "options": opt.model_dump(mode="json"),
         "engine": engine_report,
         "timings": {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2},
     }

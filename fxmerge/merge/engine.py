@@ -1,17 +1,18 @@
-"""Similarities and matchings per space, and the iterative (coordinate-descent) solvers."""
+"""Matchings per space and family, and the iterative (coordinate-descent) solver."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from fxmerge.ir.layout import Layout
-from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching, align, align_groups, assign_blocks, block_scores, zip_groups, zip_match
 from fxmerge.merge.spaces import Space, families, is_simple
 from fxmerge.merge.structured import solve_family
-from fxmerge.merge.transform import Transforms, identity_matching, transform_param
+from fxmerge.merge.transform import Transforms, identity_matching
 
 
 @dataclass
@@ -27,48 +28,19 @@ class MatchOptions:
 class SolveLog:
     sweeps: int = 0
     values: list[float] = field(default_factory=list)
-    sims: dict[Layout, torch.Tensor] = field(default_factory=dict)  # what the returned matchings were solved on
-
-
-def unit_vectors(
-    spec: PermutationSpec, space: Space, states: list[dict[str, torch.Tensor]], tr: Transforms
-) -> list[torch.Tensor]:
-    """Per model, [C, D]: each unit's weight entries over every slot, neighbours' transforms applied."""
-    n = len(states)
-    out = []
-    for m, st in enumerate(states):
-        cols = []
-        for slot in space.slots:
-            w = transform_param(spec, slot.param, st[slot.param].double(), m, n, tr, skip=space.key)
-            w = w.narrow(slot.axis, slot.offset, space.size * slot.unit).movedim(slot.axis, 0)
-            cols.append(w.reshape(space.size, -1))
-        out.append(torch.cat(cols, dim=1))
-    return out
-
-
-def weight_similarity(vecs: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """``"corr"``: Pearson correlation of the units' weight vectors; ``"dot"``: their inner products.
-
-    Centring and normalising run in float64, the Gram matrix in float32 (matchings only compare entries;
-    float32 keeps them to ~1e-6, far inside the gaps that decide a matching) and is returned as float64.
-    """
-    x = torch.cat(vecs, dim=0)
-    if kind == "dot":
-        scale = x.abs().max().clamp_min(1e-30)
-        y = (x / scale).float()
-        return _symmetric(y @ y.T) * scale**2
-    x = x - x.mean(dim=1, keepdim=True)
-    x = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
-    return _symmetric(x @ x.T)
-
-
-def _symmetric(gram: torch.Tensor) -> torch.Tensor:
-    g = gram.double()
-    return (g + g.T) / 2
+    sims: dict[Layout, torch.Tensor] = field(
+        default_factory=dict
+    )  # what the returned matchings were solved on
+    changed: list[int] = field(default_factory=list)  # matchings changed per sweep
+    solves: int = 0  # family solves run (skipped families not counted)
 
 
 def solve_spaces(
-    keys: list[Layout], spaces: dict[Layout, Space], sims: dict[Layout, torch.Tensor], n: int, opts: MatchOptions
+    keys: list[Layout],
+    spaces: dict[Layout, Space],
+    sims: dict[Layout, torch.Tensor],
+    n: int,
+    opts: MatchOptions,
 ) -> Transforms:
     """Match each listed space. Spaces sharing groups (a family) are solved together: structured spaces of
     one outer group share one block assignment, and every shared group gets one matching (see
@@ -101,54 +73,79 @@ def _match_plain(sim: torch.Tensor, sizes: list[int], opts: MatchOptions) -> Mat
 def _match_groups(sim, sizes, g, blocks, opts: MatchOptions) -> Matching:
     if opts.matcher == "zip":
         r = _zip_r(len(sizes), opts)
-        return zip_groups(sim, sizes, g, r=r, alpha=opts.zip_alpha, beta=opts.zip_beta, block_assignment=blocks)
+        return zip_groups(
+            sim, sizes, g, r=r, alpha=opts.zip_alpha, beta=opts.zip_beta, block_assignment=blocks
+        )
     return align_groups(sim, sizes, g, block_assignment=blocks)
 
 
 def coordinate_descent(
-    spec: PermutationSpec,
     spaces: dict[Layout, Space],
-    states: list[dict[str, torch.Tensor]],
-    act: dict[Layout, torch.Tensor],
+    n: int,
+    sim_of: Callable[[Layout, Transforms], torch.Tensor],
+    deps_of: Callable[[Layout], tuple[Layout, ...]],
     opts: MatchOptions,
     *,
-    alpha: float,
     init: Transforms,
     generator: torch.Generator,
     max_sweeps: int = 30,
-    patience: int = 5,
+    patience: int | None = None,
+    progress: bool = False,
+    keep_sims: int = 4096,
 ) -> tuple[Transforms, SolveLog]:
-    """MuDSC / weight matching: revisit spaces in random order, re-solving each from
-    ``alpha * S_weight + (1 - alpha) * S_act`` with the neighbours' current transforms; stop when the mean
-    matching value has not improved for ``patience`` sweeps and return the best transforms seen."""
-    n = len(states)
+    """Weight matching / MuDSC: revisit the space families in random order, re-solving each on ``sim_of(key,
+    transforms)`` (which reads the neighbours' current transforms), until a full sweep changes no matching
+    (Git Re-Basin's rule: a fixed point), ``max_sweeps``, or, with ``patience``, that many sweeps without an
+    improvement of the mean matching value. Returns the best transforms seen (by that value).
+
+    Work is incremental: a family is re-solved only when a transform it depends on (``deps_of``) changed since
+    it was last solved (the solve is deterministic, so the result would be the same); a matching whose
+    assignment did not change keeps its object, so neighbours' cached similarity parts stay valid. The final
+    similarity of spaces of at most ``keep_sims`` stacked units is kept (float32) for the report.
+    """
     tr = dict(init)
     best, best_val = dict(tr), -float("inf")
     last_sims: dict[Layout, torch.Tensor] = {}
     log = SolveLog()
     stale = 0
     groups = families(spaces)
+    own = [set(fam) for fam in groups]
+    deps = [tuple(d for k in fam for d in deps_of(k) if d not in own[i]) for i, fam in enumerate(groups)]
+    seen: dict[int, tuple] = {}
+    bar = tqdm(total=max_sweeps, desc="matching sweeps", disable=not progress, leave=False)
     for _ in range(max_sweeps):
-        order = torch.randperm(len(groups), generator=generator).tolist()
-        for i in order:
+        changed = 0
+        for i in torch.randperm(len(groups), generator=generator).tolist():
+            stamp = tuple(tr.get(d) for d in deps[i])
+            if i in seen and all(a is b for a, b in zip(seen[i], stamp, strict=True)):
+                continue  # nothing this family reads has moved: re-solving would return the same matchings
             keys = groups[i]
-            sims = {}
-            for k in keys:
-                s_w = weight_similarity(unit_vectors(spec, spaces[k], states, tr), opts.weight_sim)
-                s_a = act.get(k)
-                sims[k] = s_w if s_a is None else alpha * s_w + (1 - alpha) * s_a.to(s_w)
-            tr.update(solve_spaces(keys, spaces, sims, n, opts))
-            last_sims.update(sims)
+            sims = {k: sim_of(k, tr) for k in keys}
+            log.solves += 1
+            for k, mt in solve_spaces(keys, spaces, sims, n, opts).items():
+                old = tr.get(k)
+                if old is not None and old.same_as(mt):
+                    old.value = mt.value
+                else:
+                    tr[k] = mt
+                    changed += 1
+            seen[i] = stamp
+            last_sims.update({k: v.float() for k, v in sims.items() if v.shape[0] <= keep_sims})
         value = sum(tr[k].value for k in spaces) / max(len(spaces), 1)
         log.sweeps += 1
         log.values.append(value)
+        log.changed.append(changed)
+        bar.update(1)
         if value > best_val + 1e-9:
             best, best_val, stale = dict(tr), value, 0
             log.sims = dict(last_sims)
         else:
             stale += 1
-            if stale >= patience:
-                break
+        if changed == 0 or (patience is not None and stale >= patience):
+            break
+    bar.close()
+    if not log.sims:
+        log.sims = dict(last_sims)
     return best, log
 
 

@@ -62,7 +62,9 @@ def probe_points(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Lay
     return _spread(cands)
 
 
-def probe_slices(spec: PermutationSpec, spaces: dict[Layout, Space]) -> dict[Layout, list[tuple[str, tuple, int, int]]]:
+def probe_slices(
+    spec: PermutationSpec, spaces: dict[Layout, Space]
+) -> dict[Layout, list[tuple[str, tuple, int, int]]]:
     """Up to ``MAX_PROBES`` evenly spaced activation points per space: ``(node, axes, offset, unit)``.
 
     A probe's layout may hold a space anywhere inside it (one part of a fused output, the heads of a
@@ -104,7 +106,9 @@ def activation_correlations(
                 break
             _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen, grouped)
     if accs and all(acc.count == 0 for acc in accs.values()):
-        raise MergeError("data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)")
+        raise MergeError(
+            "data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)"
+        )
     result = {}
     for k, acc in accs.items():
         acc.all_reduce()
@@ -138,7 +142,9 @@ class _GraphCache:
     def _capture(self, inputs: Any, frontend: str, base: CapturedGraph | None = None) -> list[CapturedGraph]:
         first = capture(self.models[0], inputs, frontend) if base is None else None
         if first is None:  # the spec's own export of (a model like) model 0 at these shapes
-            first = _rebind(base, self.models[0] if _captured_from(base, self.models[0]) else None, self.models[0])
+            first = _rebind(
+                base, self.models[0] if _captured_from(base, self.models[0]) else None, self.models[0]
+            )
             if first is None:
                 first = capture(self.models[0], inputs, frontend)
         graphs = [first]
@@ -170,10 +176,18 @@ def _rebind(cg: CapturedGraph, source: nn.Module | None, model: nn.Module) -> Ca
     on its own."""
     state = model_state(model)
     for fqn in cg.bindings.values():
-        if fqn not in state or state[fqn].shape != cg.state[fqn].shape or state[fqn].dtype != cg.state[fqn].dtype:
+        if (
+            fqn not in state
+            or state[fqn].shape != cg.state[fqn].shape
+            or state[fqn].dtype != cg.state[fqn].dtype
+        ):
             return None
     ours = {n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in state}
-    theirs = {} if source is None else {n: b for n, b in source.named_buffers(remove_duplicate=False) if n not in state}
+    theirs = (
+        {}
+        if source is None
+        else {n: b for n, b in source.named_buffers(remove_duplicate=False) if n not in state}
+    )
     if source is None and ours:
         return None
     if any(name not in ours or not _same(buf, ours[name]) for name, buf in theirs.items()):
@@ -200,7 +214,9 @@ def _fits(cg: CapturedGraph | None, example_inputs: Any) -> bool:
         val = nodes[name].meta.get("val") if name in nodes else None
         if isinstance(value, torch.Tensor) != isinstance(val, torch.Tensor):
             return False
-        if isinstance(value, torch.Tensor) and (tuple(val.shape) != tuple(value.shape) or val.dtype != value.dtype):
+        if isinstance(value, torch.Tensor) and (
+            tuple(val.shape) != tuple(value.shape) or val.dtype != value.dtype
+        ):
             return False
     return True
 
@@ -265,7 +281,9 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen, grouped) -> None:
         try:
             rec.run(*cg.placeholder_values(args, kwargs))
         except Exception as e:
-            raise MergeError(f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}") from e
+            raise MergeError(
+                f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         recs.append(rec.values)
     for k, pts in probes.items():
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))

@@ -46,11 +46,15 @@ def cut_index(gm: fx.GraphModule, stop_at: str) -> int:
         if n.op == "placeholder":
             continue
         owners = [str(n.target)] if n.op in ("call_module", "get_attr") else []
-        owners += [str(v[0] if isinstance(v, tuple) else v) for v in n.meta.get("nn_module_stack", {}).values()]
+        owners += [
+            str(v[0] if isinstance(v, tuple) else v) for v in n.meta.get("nn_module_stack", {}).values()
+        ]
         if n.name == stop_at or any(o == stop_at or o.startswith(stop_at + ".") for o in owners):
             return max(i, first)
     modules = sorted({str(n.target).rsplit(".", 1)[0] for n in nodes if n.op == "call_module"})[:8]
-    raise MergeError(f"stop_at={stop_at!r} names no module or node of the graph; module paths include {modules}")
+    raise MergeError(
+        f"stop_at={stop_at!r} names no module or node of the graph; module paths include {modules}"
+    )
 
 
 class _Builder:
@@ -126,7 +130,9 @@ def build_multihead(
 ) -> tuple[fx.GraphModule, dict[str, Any]]:
     """The multi-head model: merged trunk up to ``stop_at``, each model's own tail after it."""
     if cg.frontend != "fx":
-        raise MergeError("partial zipping (stop_at=...) needs a model that torch.fx can trace (frontend='fx')")
+        raise MergeError(
+            "partial zipping (stop_at=...) needs a model that torch.fx can trace (frontend='fx')"
+        )
     nodes = list(cg.gm.graph.nodes)
     cut = cut_index(cg.gm, stop_at)
     prefix, suffix = nodes[:cut], [x for x in nodes[cut:] if x.op != "output"]
@@ -159,5 +165,10 @@ def build_multihead(
         outputs.append(fx.map_arg(nodes[-1].args[0], mapper))
     b.graph.output(tuple(outputs))
     gm = fx.GraphModule(root, b.graph, class_name="MultiHeadMerged")
-    info = {"stop_at": stop_at, "trunk_nodes": len(prefix), "tail_nodes": len(suffix), "crossing": sorted(crossing)}
+    info = {
+        "stop_at": stop_at,
+        "trunk_nodes": len(prefix),
+        "tail_nodes": len(suffix),
+        "crossing": sorted(crossing),
+    }
     return gm, info

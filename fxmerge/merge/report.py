@@ -35,27 +35,48 @@ def space_name(key: Layout) -> str:
     compact form (``g4xg3x(g1,g2)``) for other block layouts."""
     if isinstance(key, G):
         return f"g{key.gid}"
-    if isinstance(key, Prod) and isinstance(key.outer, G) and all(isinstance(i, (G, LFixed)) for i in key.inners):
+    if (
+        isinstance(key, Prod)
+        and isinstance(key.outer, G)
+        and all(isinstance(i, (G, LFixed)) for i in key.inners)
+    ):
         inner = ",".join(dict.fromkeys(f"g{i.gid}" if isinstance(i, G) else "fixed" for i in key.inners))
         return f"g{key.outer.gid}x[{inner}]"
     return describe(key)  # nested blocks / fused per-block layouts, e.g. g4xg3x(g1,g2)
 
 
-def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor]) -> float:
-    """Mean similarity over the pairs of distinct units (of any models) merged into the same unit."""
-    u = torch.cat([x.to(sim.dtype) for x in unmerge], dim=0)  # [O, K] 0/1
-    pair_sum = ((u.T @ sim) * u.T).sum(dim=1) - (u * sim.diagonal()[:, None]).sum(dim=0)
-    counts = u.sum(dim=0)
-    pairs = counts * (counts - 1)
-    keep = pairs > 0
-    if not bool(keep.any()):
+def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor] | torch.Tensor) -> float:
+    """Mean similarity over the pairs of distinct units (of any models) merged into the same unit.
+
+    ``unmerge`` is the per-model 0/1 [C_m, K] matrices, or directly the merged unit of every stacked unit
+    (a LongTensor [O], -1 for dropped units). O(O^2), no dense [O, K] product.
+    """
+    if isinstance(unmerge, torch.Tensor):
+        cols = unmerge.to(sim.device)
+    else:
+        u = torch.cat([x.to(sim.dtype) for x in unmerge], dim=0)
+        cols = torch.where(u.sum(dim=1) > 0, u.argmax(dim=1), torch.full((u.shape[0],), -1, device=u.device))
+    keep = cols >= 0
+    idx = torch.nonzero(keep).squeeze(1)
+    c = cols[idx]
+    if c.numel() == 0:
         return float("nan")
-    return float((pair_sum[keep] / pairs[keep]).mean())
+    k = int(c.max()) + 1
+    sub = sim.index_select(0, idx).index_select(1, idx)
+    per_row = sub.new_zeros(sub.shape[0], k).index_add_(1, c, sub)  # row i: sum over units in each cluster
+    within = per_row.gather(1, c[:, None]).squeeze(1) - sub.diagonal()  # row i's sum over its cluster mates
+    pair_sum = sub.new_zeros(k).index_add_(0, c, within)
+    counts = torch.bincount(c, minlength=k).to(sub.dtype)
+    pairs = counts * (counts - 1)
+    ok = pairs > 0
+    if not bool(ok.any()):
+        return float("nan")
+    return float((pair_sum[ok] / pairs[ok]).mean())
 
 
-def identity_pairs(size: int, n: int) -> list[torch.Tensor]:
-    eye = torch.eye(size, dtype=torch.float64)
-    return [eye] * n
+def identity_pairs(size: int, n: int) -> torch.Tensor:
+    """The identity pairing of ``n`` models of ``size`` units, as stacked merged-unit indices."""
+    return torch.arange(size).repeat(n)
 
 
 def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: int) -> SpaceDetail:
@@ -69,5 +90,5 @@ def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: 
         similarity=sim.detach().cpu(),
         matching=mt,
         before=matched_similarity(sim.double().cpu(), identity_pairs(space.size, n)),
-        after=matched_similarity(sim.double().cpu(), [u.double().cpu() for u in mt.unmerge]),
+        after=matched_similarity(sim.double().cpu(), torch.cat([mt.assignment(m).cpu() for m in range(n)])),
     )

@@ -47,7 +47,9 @@ class _Occ:
     bases: tuple[int, ...]
     size: int
     width: int
-    inner: tuple[tuple[Layout, ...], ...] | None = None  # per model, the layout inside each unit (with groups)
+    inner: tuple[tuple[Layout, ...], ...] | None = (
+        None  # per model, the layout inside each unit (with groups)
+    )
     unit: int = 1  # key positions per position of the inner layouts
 
 
@@ -130,7 +132,9 @@ class _Solver:
         if any(o.gids != gids for o in occs) or any(
             gid in self.dec[m] for m, gid in enumerate(gids)
         ):  # a model's group would join two merged groups
-            raise MergeError(f"group g{anchor} sits in blocks that move inconsistently across the merge spaces")
+            raise MergeError(
+                f"group g{anchor} sits in blocks that move inconsistently across the merge spaces"
+            )
         size, n = occs[0].size, self.n
         if any(o.inner is not None for o in occs):
             mt = self._align_outer(occs, size)
@@ -206,9 +210,13 @@ class _Solver:
                 return ([torch.kron(d.matching.unmerge[m].double(), eye) for m in range(n)],
                         [torch.kron(d.matching.merge[m].double(), eye) for m in range(n)])  # fmt: skip
             if not d.one_to_one:
-                raise MergeError(f"group g{lay0.gid} holds blocks with groups inside but was zipped; blocks move whole")
+                raise MergeError(
+                    f"group g{lay0.gid} holds blocks with groups inside but was zipped; blocks move whole"
+                )
             src = [d.perm(m) for m in range(n)]
-            subs = [self.compose([inner[m][src[m][k]] for m in range(n)], None, unit) for k in range(lay0.size)]
+            subs = [
+                self.compose([inner[m][src[m][k]] for m in range(n)], None, unit) for k in range(lay0.size)
+            ]
             widths = [s[0][0].shape[1] for s in subs]
             offs = np.concatenate([[0], np.cumsum(widths)])
             un = [torch.zeros(lay0.size * w, int(offs[-1]), dtype=torch.float64) for _ in range(n)]
@@ -234,11 +242,15 @@ class _Solver:
         d = self.dec[0].get(gids[0])
         if d is None:  # never reached (a partial family): identity
             eye = torch.eye(lays[0].size, dtype=torch.float64)
-            d = _Decision(Matching([eye / self.n] * self.n, [eye.clone() for _ in range(self.n)], 1.0), gids, True)
+            d = _Decision(
+                Matching([eye / self.n] * self.n, [eye.clone() for _ in range(self.n)], 1.0), gids, True
+            )
             for m, gid in enumerate(gids):
                 self.dec[m].setdefault(gid, d)
         if any(self.dec[m].get(gid) is not d for m, gid in enumerate(gids)):
-            raise MergeError(f"group g{gids[0]} sits in blocks that move inconsistently across the merge spaces")
+            raise MergeError(
+                f"group g{gids[0]} sits in blocks that move inconsistently across the merge spaces"
+            )
         return d
 
     def matchings(self) -> dict[Layout, Matching]:
@@ -296,14 +308,23 @@ def _best(la: Layout, lb: Layout, tile: np.ndarray, unit: int) -> float:
     free = bool(groups_in(la) or groups_in(lb))
     if not free:
         return float(np.diagonal(tile).mean())
-    if isinstance(la, Cat) and isinstance(lb, Cat) and [p.size for p in la.parts] == [p.size for p in lb.parts]:
+    if (
+        isinstance(la, Cat)
+        and isinstance(lb, Cat)
+        and [p.size for p in la.parts] == [p.size for p in lb.parts]
+    ):
         total, off = 0.0, 0
         for pa, pb in zip(la.parts, lb.parts, strict=True):
             span = pa.size * unit
             total += _best(pa, pb, tile[off : off + span, off : off + span], unit) * pa.size
             off += span
         return total / la.size
-    if isinstance(la, Prod) and isinstance(lb, Prod) and la.outer.size == lb.outer.size and la.size == lb.size:
+    if (
+        isinstance(la, Prod)
+        and isinstance(lb, Prod)
+        and la.outer.size == lb.outer.size
+        and la.size == lb.size
+    ):
         c, blocks = la.inners[0].size, la.outer.size
         span = c * unit
         scores = np.empty((blocks, blocks))

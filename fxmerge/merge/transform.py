@@ -22,28 +22,42 @@ from fxmerge.match import Matching
 Transforms = dict[Layout, Matching]
 
 
-def _along(x: torch.Tensor, axis: int, mat: torch.Tensor, unit: int) -> torch.Tensor:
-    """``mat @ x`` along ``axis``, where each unit spans ``unit`` consecutive entries.
+def _along(x: torch.Tensor, axis: int, mt: Matching, m: int, mode: str, unit: int) -> torch.Tensor:
+    """Model ``m``'s merge (``mode="merge"``: ``M_m @ x``), selection (``"in"``: ``U_m^T @ x``) or unmerge
+    (``"act"``: ``U_m @ x``) along ``axis``, where each unit spans ``unit`` consecutive entries.
 
-    Merge and unmerge matrices have at most one non-zero per column (every unit belongs to one merged unit),
-    so the product is a weighted scatter-add: O(size of x) instead of a dense O(K * size of x) matmul.
+    Matchings are assignments (every unit joins at most one merged unit), so the products are a weighted
+    scatter-add (``merge``/``in``) or a gather (``act``): O(size of x), never a dense O(K * size of x) matmul
+    and never a dense [K, C] matrix. A hand-built dense matching that mixes units falls back to the matmul.
     """
+    cols = mt.columns(m)
     y = x.movedim(axis, 0)
     rest = y.shape[1:]
-    flat = y.reshape(mat.shape[1], -1)
-    if bool(((mat != 0).sum(dim=0) <= 1).all()):
-        rows = mat.argmax(dim=0)  # merge weights and 0/1 selections are non-negative
-        w = mat.gather(0, rows[None]).squeeze(0).to(y.dtype)
-        z = flat.new_zeros(mat.shape[0], flat.shape[1]).index_add_(0, rows, flat * w[:, None])
-    else:
-        z = mat.to(y.dtype) @ flat
-    return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
-
-
-def _matrix(mt: Matching, m: int, mode: str) -> torch.Tensor:
+    if cols is None:
+        mat = mt.merge[m] if mode == "merge" else (mt.unmerge[m].T if mode == "in" else mt.unmerge[m])
+        z = mat.to(y.dtype) @ y.reshape(mat.shape[1], -1)
+        return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
+    cols = cols.to(y.device)
+    k = mt.width
+    if mode == "act":  # unit c of model m <- merged unit cols[c] (dropped units: zeros)
+        flat = y.reshape(k, -1)
+        z = flat.index_select(0, cols.clamp_min(0))
+        z = torch.where((cols >= 0)[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+        return z.reshape(cols.numel() * unit, *rest).movedim(0, axis)
+    flat = y.reshape(cols.numel(), -1)
+    keep = cols >= 0
     if mode == "merge":
-        return mt.merge[m]
-    return mt.unmerge[m].T if mode == "in" else mt.unmerge[m]
+        w = mt.weights(m).to(device=y.device, dtype=y.dtype)
+        src = flat * w[:, None]
+    else:
+        src = flat
+    if not bool(keep.all()):
+        src, cols = src[keep], cols[keep]
+    if cols.numel() == k and mode == "in" and bool((torch.bincount(cols, minlength=k) == 1).all()):
+        z = flat.new_empty(k, flat.shape[1]).index_copy_(0, cols, src)  # a permutation: exact, no additions
+    else:
+        z = flat.new_zeros(k, flat.shape[1]).index_add_(0, cols, src)
+    return z.reshape(k * unit, *rest).movedim(0, axis)
 
 
 def apply_layout(
@@ -61,7 +75,7 @@ def apply_layout(
     if isinstance(lay, LFixed) or (skip is not None and lay == skip):
         return x / scale
     if lay in tr:
-        return _along(x, axis, _matrix(tr[lay], m, mode), unit)
+        return _along(x, axis, tr[lay], m, mode, unit)
     if isinstance(lay, G):  # a group kept at the identity
         return x / scale
     if isinstance(lay, Cat):
@@ -125,19 +139,22 @@ def merge_state(
 
 
 def identity_matching(size: int, n_models: int) -> Matching:
-    eye = torch.eye(size, dtype=torch.float64)
-    return Matching([eye / n_models] * n_models, [eye.clone() for _ in range(n_models)], 1.0)
+    return Matching.identity(size, n_models)
 
 
 def perms_from(spec: PermutationSpec, key: Layout, mt: Matching, m: int) -> dict[int, torch.Tensor]:
     """Group permutations realising a one-to-one matching of model ``m`` onto the merged order."""
-    full = mt.unmerge[m].T.argmax(dim=1)  # merged position k <- position full[k] of model m
+    cols = mt.assignment(m)  # unit c of model m -> merged position cols[c]
+    full = torch.empty_like(cols)
+    full[cols] = torch.arange(cols.numel(), device=cols.device)  # merged position k <- position full[k] of m
     out: dict[int, torch.Tensor] = {}
     _perms_of(key, full, None, out)
     return out
 
 
-def _perms_of(lay: Layout, full: torch.Tensor, inner: list[Layout] | None, out: dict[int, torch.Tensor]) -> None:
+def _perms_of(
+    lay: Layout, full: torch.Tensor, inner: list[Layout] | None, out: dict[int, torch.Tensor]
+) -> None:
     """Read the group permutations off ``full`` (positions of span ``lay``, relative to its start); ``inner``
     gives the layout inside each position of ``lay`` when ``lay`` is the outer of a block layout."""
     w = 1 if inner is None else inner[0].size

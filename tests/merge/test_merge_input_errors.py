@@ -20,7 +20,7 @@ DATA = [torch.randn(16, 6, generator=torch.Generator().manual_seed(1)) for _ in 
 
 
 def test_alpha_must_be_a_number():
-    with pytest.raises(MergeInputError, match=r"alpha must be a number in \[0, 1\], got 'high'"):
+    with pytest.raises(MergeInputError, match=r"alpha='high': Input should be a valid number"):
         fxmerge.merge([_mlp(0), _mlp(1)], method="mudsc", data=DATA, example_inputs=X, alpha="high", progress=False)
 
 
