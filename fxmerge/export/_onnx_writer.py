@@ -21,6 +21,7 @@ import torch
 from fxmerge.errors import ExportError
 from fxmerge.export import _diagnose
 from fxmerge.export._flat import FlatModule
+from fxmerge.export._translations import translation_table
 from fxmerge.outputs import name
 
 EXPORTERS = ("dynamo", "trace")
@@ -115,6 +116,7 @@ def _export_dynamo(spec: WriteSpec, staged: Path) -> None:
         output_names=list(spec.output_names),
         opset_version=spec.opset,
         dynamic_shapes=shapes,
+        custom_translation_table=translation_table(),
         verbose=False,
     )
     program.save(str(staged), external_data=_weight_bytes(spec) > _EXTERNAL_DATA_BYTES)
