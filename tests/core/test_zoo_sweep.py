@@ -79,7 +79,11 @@ def test_report_counts_targets_and_reasons(tmp_path: Path) -> None:
     green = {"family": "torchvision", "key": "torchvision/resnet18", "errors": {}, "nonstrict_ok": True,
              "strict_ok": True, "sound": True, "frozen_no_reason": 0, "n_frozen": 3, "permutable": 0.99,
              "act_align": 0.0, "rebasin": 0.0, "onnx": "ok", "params": 10}  # fmt: skip
-    unsound = green | {"key": "torchvision/alexnet", "sound": False, "errors": {"verify": "InvarianceError: g3"}}
+    unsound = green | {
+        "key": "torchvision/alexnet",
+        "sound": False,
+        "errors": {"verify": "InvarianceError: g3"},
+    }
     cache = {"results": {r["key"]: r for r in (green, unsound)}, "timm_catalog": {}}
     out = tmp_path / "compat.md"
     sweep.write_report(cache, out, ["python benchmarks/zoo_sweep.py --only x"])
@@ -89,3 +93,72 @@ def test_report_counts_targets_and_reasons(tmp_path: Path) -> None:
     assert "| 0 unsound specs | 1 unsound of 2 verified | **no** |" in text
     assert "verify: InvarianceError: g3" in text
     assert sweep.status(unsound) == "red: unsound"
+
+
+def test_resume_reruns_rows_that_missed_a_stage_and_fills_size_skips() -> None:
+    import argparse
+
+    base = {"family": "timm", "errors": {}, "stage": "done", "sound": True, "nonstrict_ok": True}
+    results = {
+        "timm/a": base | {"key": "timm/a", "params": 10, "stages": []},  # an earlier --stages none run
+        "timm/b": base | {"key": "timm/b", "params": 50_000_000},  # too large for merge and onnx
+        "timm/c": base | {"key": "timm/c", "params": 20_000_000},  # too large for merge only: onnx must run
+        "timm/d": base | {"key": "timm/d", "params": 10, "act_align": 0.0, "onnx": "ok"},  # done (old record)
+    }
+    cache = {"results": results}
+    entries = [sweep.Entry(k, "timm", "cnn", "-") for k in results]
+    args = argparse.Namespace(family="timm", slice="all", only=None, exclude=None, rerun_failed=False,
+                              resume=True, stages="merge,onnx", smallest_first=True)  # fmt: skip
+    assert [e.key for e in sweep.select(entries, args, cache)] == ["timm/a", "timm/c"]
+    assert results["timm/b"]["act_align"] == results["timm/b"]["onnx"] == "skipped: size"
+    assert sweep.status(results["timm/b"]) == "green"
+    args.stages = "none"
+    assert sweep.select(entries, args, cache) == []
+
+
+def test_float32_merge_stage_for_a_model_without_float64_kernels() -> None:
+    import torch
+    from torch import nn
+
+    class Float32Only(nn.Module):  # like torch.nn.functional.grouped_mm on CPU: no float64 kernel
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dtype == torch.float64:
+                raise RuntimeError("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got Double")
+            return self.lin(x)
+
+    batches = [torch.randn(4, 3) for _ in range(2)]
+    data = [b.double() for b in batches]
+    rec: dict = {}
+    model, x, data = sweep._merge_precision(Float32Only().double(), (data[0],), data, batches, rec)
+    assert model.lin.weight.dtype == x[0].dtype == data[1].dtype == torch.float32
+    assert rec["merge_dtype"] == "float32" and "got Double" in rec["merge_dtype_why"]
+    assert sweep.recovery_tol(rec) == sweep.RECOVERY_TOL_F32 == 1e-4
+    assert sweep.rel_error(model, model, data) == 0.0
+    green = {"family": "hf", "key": "hf/m", "errors": {}, "nonstrict_ok": True, "sound": True, "onnx": "ok"}
+    assert sweep.status(green | rec | {"act_align": 3e-5}) == "green"  # float32 rounding, within 1e-4
+    assert sweep.status(green | {"act_align": 3e-5}) == "red: act_align"  # a float64 row passes at 1e-6 only
+    assert "merge stage in float32" in sweep._reason(green | rec)
+    rec64: dict = {}
+    model64 = nn.Linear(3, 2).double()
+    assert (
+        sweep._merge_precision(model64, (data[0].double(),), [d.double() for d in data], batches, rec64)[0]
+        is model64
+    )
+    assert rec64 == {}
+
+
+def test_onnx_tolerance_scales_with_the_outputs() -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1000.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        model.bias.zero_()
+    x = torch.tensor([[3.0, -2.0]])
+    assert sweep.onnx_atol(model, (x,)) == pytest.approx(1e-4 * 3000.0)
+    assert sweep.onnx_atol(model, (x / 1e4,)) == 1e-4  # never below export_onnx's default
