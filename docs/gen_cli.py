@@ -18,6 +18,8 @@ from pydantic_core import PydanticUndefined
 
 from fxmerge.cli import main
 from fxmerge.config.schema import DataConfig, MergeConfig
+from fxmerge.merge.methods import method_class, method_names
+from fxmerge.merge.options import HeteroOptions, MergeOptions
 
 TARGET = Path(__file__).resolve().parent / "cli.md"
 
@@ -144,7 +146,7 @@ def _schema() -> list[str]:
     fields = MergeConfig.model_fields
     lines += _section("top level", MergeConfig)
     lines += _section("models[i]", _model(fields["models"].annotation))
-    lines += _section("options", _model(fields["options"].annotation))
+    lines += _config_options()
     lines += _section("data", DataConfig)
     for name, field in DataConfig.model_fields.items():
         inner = _model(field.annotation)
@@ -152,6 +154,25 @@ def _schema() -> list[str]:
             lines += _section(f"data.{name}", inner)
     lines += _section("outputs", _model(fields["outputs"].annotation))
     return lines
+
+
+def _config_options() -> list[str]:
+    """``options:`` is validated by the objects fxmerge.merge itself uses: MergeOptions, HeteroOptions and the
+    chosen method's settings (docs/methods.md)."""
+    lines = _section("options (every merge: fxmerge.MergeOptions)", MergeOptions)
+    lines += _section("options (depth/width merges: fxmerge.HeteroOptions)", HeteroOptions)
+    lines += ["### `options (the method's settings)`", "",
+              "A key that is neither a merge option nor a setting of the chosen method is an error naming the "
+              "methods that have it. `zip_alpha`/`zip_beta` also name ZipIt's `alpha`/`beta`.", "",
+              "| method | setting | type | default |", "|---|---|---|---|"]  # fmt: skip
+    for name in method_names():
+        cls = method_class(name)
+        fields = getattr(cls, "__pydantic_fields__", {})
+        if not fields:
+            lines.append(f"| `{name}` | - | - | - |")
+        for key, f in fields.items():
+            lines.append(f"| `{name}` | `{key}` | {_type(f.annotation)} | {_default(f)} |")
+    return [*lines, ""]
 
 
 def _model(annotation: object) -> type[BaseModel] | None:

@@ -52,7 +52,9 @@ def check_model_ref(ref: str, root: Path) -> str:
     elif kind == "hf":
         path = resolve_path(name, root)
         if not path.exists():
-            raise ValueError(f"hf: {path} does not exist (give a folder with config.json or a config JSON file)")
+            raise ValueError(
+                f"hf: {path} does not exist (give a folder with config.json or a config JSON file)"
+            )
         return f"hf:{path}"
     else:
         check_callable(ref)
@@ -75,7 +77,9 @@ def import_callable(ref: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?") from exc
+        raise ValueError(
+            f"cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
+        ) from exc
     except Exception as exc:  # the module's own code failed: a SyntaxError, or anything it raises on import
         raise ValueError(f"importing module {module_name!r} raised {describe(exc)}") from exc
     target: Any = module
@@ -216,10 +220,14 @@ def load_merged(path: str | Path, input_shape: Sequence[int] | None = None) -> t
     elif state.is_file():
         model = load_state(state)
     else:
-        raise ExportError(f"{folder} holds neither {STATE_FILE} nor {PROGRAM_FILE}; is it an fxmerge merge output?")
+        raise ExportError(
+            f"{folder} holds neither {STATE_FILE} nor {PROGRAM_FILE}; is it an fxmerge merge output?"
+        )
     ref = meta.get("model")
     if not ref:
-        raise ExportError(f"{sidecar_path(state)} does not record the model reference its example inputs come from")
+        raise ExportError(
+            f"{sidecar_path(state)} does not record the model reference its example inputs come from"
+        )
     shape = input_shape or meta.get("input_shape")
     return model, build_model_and_inputs(ref, shape, "model")[1]
 
@@ -257,7 +265,9 @@ def load_source(
     path = Path(source).expanduser()
     if path.is_dir():
         if not is_merged_dir(path):
-            raise ConfigError(f"{path} is a folder without {STATE_FILE} or {PROGRAM_FILE}; is it an fxmerge merge output?")
+            raise ConfigError(
+                f"{path} is a folder without {STATE_FILE} or {PROGRAM_FILE}; is it an fxmerge merge output?"
+            )
         _no_checkpoint(checkpoint, "a merge output folder")
         return load_merged(path, input_shape)
     if path.suffix in (".safetensors", ".pt2"):
@@ -265,15 +275,21 @@ def load_source(
             raise ConfigError(f"file not found: {path}")
         _no_checkpoint(checkpoint, f"a {path.suffix} file")
         if path.suffix == ".safetensors" and not _has_constructor(path):
-            raise ConfigError(f"{path.name} records no constructor to rebuild its model: give the model reference "
-                              f"as {name('source')} and the file as {name('checkpoint')}")
+            raise ConfigError(
+                f"{path.name} records no constructor to rebuild its model: give the model reference "
+                f"as {name('source')} and the file as {name('checkpoint')}"
+            )
         model = load_state(path) if path.suffix == ".safetensors" else load_program(path)
         ref = _sidecar_meta(path).get("model") if path.suffix == ".safetensors" else None
         if ref:
-            return model, build_model_and_inputs(ref, input_shape or _sidecar_meta(path).get("input_shape"), "model")[1]
+            return model, build_model_and_inputs(
+                ref, input_shape or _sidecar_meta(path).get("input_shape"), "model"
+            )[1]
         if not input_shape:
-            raise ConfigError(f"{path.name} does not record its example inputs: pass {name('input_shape')}, "
-                              "e.g. 1,3,224,224")
+            raise ConfigError(
+                f"{path.name} does not record its example inputs: pass {name('input_shape')}, "
+                "e.g. 1,3,224,224"
+            )
         return model, (torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)),)
     model, inputs = build_model_and_inputs(source, input_shape, name("source"))
     if checkpoint is not None:
@@ -300,4 +316,6 @@ def source_inputs(source: str, checkpoint: str | None, *refs: str | None) -> lis
 
 def _no_checkpoint(checkpoint: str | Path | None, what: str) -> None:
     if checkpoint is not None:
-        raise ConfigError(f"{name('checkpoint')} loads weights into a model reference; {what} already holds its weights")
+        raise ConfigError(
+            f"{name('checkpoint')} loads weights into a model reference; {what} already holds its weights"
+        )

@@ -129,7 +129,9 @@ def build_models(cfg: MergeConfig, say: Log) -> tuple[list[nn.Module], Any]:
     return models, inputs
 
 
-def evaluate_models(ref: str, parents: Sequence[nn.Module], merged: nn.Module, say: Log) -> dict[str, dict[str, float]]:
+def evaluate_models(
+    ref: str, parents: Sequence[nn.Module], merged: nn.Module, say: Log
+) -> dict[str, dict[str, float]]:
     """``{"models[0]": {...}, ..., "merged": {...}}`` from the ``evaluate:`` function."""
     try:
         fn = import_callable(ref)
@@ -149,11 +151,15 @@ def _metrics(fn: Callable[[nn.Module], Any], ref: str, model: nn.Module, name: s
     except Exception as exc:
         raise UserCodeError(f"evaluate: {ref}({name}) raised {describe(exc)}") from exc
     if not isinstance(values, Mapping):
-        raise UserCodeError(f"evaluate: {ref}() returned a {type(values).__name__}; return a dict of metric -> float")
+        raise UserCodeError(
+            f"evaluate: {ref}() returned a {type(values).__name__}; return a dict of metric -> float"
+        )
     try:
         return {str(k): float(v) for k, v in values.items()}
     except (TypeError, ValueError) as exc:
-        raise UserCodeError(f"evaluate: {ref}() returned a non-numeric metric ({exc}); return metric -> float") from exc
+        raise UserCodeError(
+            f"evaluate: {ref}() returned a non-numeric metric ({exc}); return metric -> float"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -184,7 +190,9 @@ def _same_layout(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def write_onnx(stage: Path, cfg: MergeConfig, model: nn.Module, inputs: Any, data: Iterable[Any] | None) -> dict:
+def write_onnx(
+    stage: Path, cfg: MergeConfig, model: nn.Module, inputs: Any, data: Iterable[Any] | None
+) -> dict:
     """``model.onnx`` with the configured exporter. The tracer's file is also checked on the first batches of
     ``data:`` (the inputs it will be fed); torch.export's capture holds for every input."""
     traced = cfg.outputs.onnx_exporter == "trace"
@@ -271,10 +279,14 @@ def config_inputs(cfg: MergeConfig, source: Path | None = None) -> list[tuple[st
     return found
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()) -> Path:
+def check_out_dir(
+    out_dir: str | os.PathLike[str], overwrite: bool, inputs: Sequence[tuple[str, Path]] = ()
+) -> Path:
     """The absolute output folder; refuses an overlap with ``inputs``, a file, a non-empty folder without
     ``overwrite``, and a folder holding anything but an earlier fxmerge output."""
-    return check_output_dir(out_dir, overwrite=overwrite, inputs=inputs, error=OutputPathError, keyword="out_dir")
+    return check_output_dir(
+        out_dir, overwrite=overwrite, inputs=inputs, error=OutputPathError, keyword="out_dir"
+    )
 
 
 @contextlib.contextmanager

@@ -123,7 +123,7 @@ def _options(value: Any) -> Options:
     return Options(value)
 
 
-OptionsField = Annotated[Options, BeforeValidator(_options)]
+OptionsField = Annotated[dict[str, Any], BeforeValidator(_options), AfterValidator(Options)]
 
 
 def option_errors(method: str, options: Mapping[str, Any]) -> list[str]:

@@ -64,7 +64,9 @@ def block_cka(
 def _as_tensor(values: dict[str, Any], name: str) -> torch.Tensor:
     v = values.get(name)
     if not isinstance(v, torch.Tensor):
-        raise MergeError(f"block output {name!r} is not a tensor ({type(v).__name__}); give blocks explicitly.")
+        raise MergeError(
+            f"block output {name!r} is not a tensor ({type(v).__name__}); give blocks explicitly."
+        )
     return v
 
 
@@ -97,6 +99,8 @@ def align_depth(
     """
     if cka is None:
         if method != "uniform":
-            raise MergeError(f"depth={method!r} needs data for the block CKA; pass data or use depth='uniform'.")
+            raise MergeError(
+                f"depth={method!r} needs data for the block CKA; pass data or use depth='uniform'."
+            )
         cka = torch.zeros(len(deep.blocks), len(shallow.blocks), dtype=torch.float64)
     return align_stages(np.asarray(cka.double()), deep.stages, shallow.stages, method=method, pin_first=True)

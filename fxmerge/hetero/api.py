@@ -266,7 +266,7 @@ def merge_hetero_with(
         "padded_blocks": {m: list(t.padded) for m, t in twins.items()},
         "absent_groups": {m: sorted(t.absent) for m, t in twins.items()},
         "identity_max_error": errors,
-        "options": opt.model_dump(mode="json"),
+        "options": opt.model_dump(mode="json", exclude={"progress"}),
         "engine": engine_report,
         "timings": {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2},
     }

@@ -118,8 +118,10 @@ class BlockStructure:
 
     def describe(self) -> str:
         """One line per block: index, stage, kind, anchor flag, name and modules."""
-        lines = [f"{len(self.blocks)} blocks in stages {list(self.stages)}; stem {len(self.stem)} tensors, "
-                 f"head {len(self.head)} tensors"]
+        lines = [
+            f"{len(self.blocks)} blocks in stages {list(self.stages)}; stem {len(self.stem)} tensors, "
+            f"head {len(self.head)} tensors"
+        ]
         for b in self.blocks:
             flag = " anchor" if b.anchor else ""
             mods = ", ".join(b.modules[:4]) + (", ..." if len(b.modules) > 4 else "")
@@ -215,7 +217,9 @@ class _Flow:
         self.relevant = self._reach(sources, forward=True) & self._reach([out_node], forward=False)
         self.sources = [s for s in sources if s in self.relevant]
         self.output = out_node
-        self.shapes = {k: tuple(v.shape[1:]) for k, v in values.items() if isinstance(v, torch.Tensor) and v.dim()}
+        self.shapes = {
+            k: tuple(v.shape[1:]) for k, v in values.items() if isinstance(v, torch.Tensor) and v.dim()
+        }
 
     def _reach(self, start: list[str], forward: bool) -> set[str]:
         nxt: dict[str, list[str]] = {k: [] for k in self.inputs}
@@ -355,12 +359,16 @@ def _auto_groups(atoms: list[_Atom]) -> tuple[int, int, list[list[_Atom]]]:
 def _override_groups(atoms: list[_Atom], entries: BlockOverride) -> tuple[int, int, list[list[_Atom]]]:
     prefixes = [[e] if isinstance(e, str) else list(e) for e in entries]
     if not prefixes or any(not p or not all(isinstance(x, str) and x for x in p) for p in prefixes):
-        raise MergeError("blocks must be a non-empty list of module names (or lists of module names), one per block.")
+        raise MergeError(
+            "blocks must be a non-empty list of module names (or lists of module names), one per block."
+        )
     owner: list[int | None] = []
     for a in atoms:
         hits = {k for k, ps in enumerate(prefixes) for m in a.modules for p in ps if _under(m, p)}
         if len(hits) > 1:
-            raise MergeError(f"modules {a.modules} match several block entries {sorted(hits)}; make the names disjoint.")
+            raise MergeError(
+                f"modules {a.modules} match several block entries {sorted(hits)}; make the names disjoint."
+            )
         owner.append(hits.pop() if hits else None)
     used = [i for i, k in enumerate(owner) if k is not None]
     missing = [prefixes[k] for k in range(len(prefixes)) if k not in owner]
@@ -375,7 +383,9 @@ def _override_groups(atoms: list[_Atom], entries: BlockOverride) -> tuple[int, i
     for i in range(lo, hi + 1):
         k = owner[i]
         if k is None and atoms[i].params:
-            raise MergeError(f"modules {atoms[i].modules} lie between the given blocks but belong to none of them.")
+            raise MergeError(
+                f"modules {atoms[i].modules} lie between the given blocks but belong to none of them."
+            )
         if k is None or k == last:
             groups[-1].append(atoms[i])
         else:
@@ -439,7 +449,9 @@ def find_blocks(
         require_sound(model, spec, example_inputs, what="find_blocks")
     cg = spec.graph
     if cg is None:
-        raise MergeError("the spec has no captured graph; infer it with fxmerge.infer_groups(model, example_inputs).")
+        raise MergeError(
+            "the spec has no captured graph; infer it with fxmerge.infer_groups(model, example_inputs)."
+        )
     args, kwargs = split_inputs(example_inputs)
     with eval_mode(cg.gm):
         values = run_graph(cg, args, kwargs)
@@ -447,7 +459,9 @@ def find_blocks(
     atoms = _atoms(_segments(flow, spec))
     lo, hi, groups = _auto_groups(atoms) if blocks is None else _override_groups(atoms, blocks)
     if not groups:
-        raise MergeError("no block found: the model has a single layer; depth alignment needs repeated blocks.")
+        raise MergeError(
+            "no block found: the model has a single layer; depth alignment needs repeated blocks."
+        )
     found = _with_stages([_block(i, g, flow) for i, g in enumerate(groups)])
     stem = list(dict.fromkeys(p for a in atoms[:lo] for p in a.params))
     head = list(dict.fromkeys(p for a in atoms[hi + 1 :] for p in a.params))

@@ -186,8 +186,14 @@ class MinibatchCKA:
         if self._reduced:
             return
         if dist.is_available() and dist.is_initialized():
-            flat = torch.cat([self._cross.flatten(), self._self_a, self._self_b,
-                              torch.tensor([float(self._batches)], dtype=self.dtype, device=self._cross.device)])
+            flat = torch.cat(
+                [
+                    self._cross.flatten(),
+                    self._self_a,
+                    self._self_b,
+                    torch.tensor([float(self._batches)], dtype=self.dtype, device=self._cross.device),
+                ]
+            )
             home = flat.device
             if dist.get_backend(group) == "nccl" and not flat.is_cuda:
                 flat = flat.to(torch.device("cuda", torch.cuda.current_device()))

@@ -38,7 +38,9 @@ def as_similarity_matrix(c: MatrixLike, *, need_tall: bool = True) -> np.ndarray
     With ``need_tall`` the matrix must have at least as many rows (deep blocks) as columns.
     The caller's matrix is never modified.
     """
-    arr = c.detach().cpu().double().numpy() if isinstance(c, torch.Tensor) else np.asarray(c, dtype=np.float64)
+    arr = (
+        c.detach().cpu().double().numpy() if isinstance(c, torch.Tensor) else np.asarray(c, dtype=np.float64)
+    )
     if arr.ndim != 2:
         raise MergeError(f"The similarity matrix must be 2-D (deep x shallow), got shape {arr.shape}.")
     if not np.isfinite(arr).all():

@@ -75,21 +75,32 @@ def param_map(deep: BlockStructure, shallow: BlockStructure, slots: Sequence[int
     if len(slots) != len(shallow.blocks):
         raise MergeError(f"{len(slots)} slots given for {len(shallow.blocks)} shallow blocks.")
     if len(set(slots)) != len(slots) or not all(0 <= j < len(deep.blocks) for j in slots):
-        raise MergeError(f"slots must be distinct deep block indices in [0, {len(deep.blocks)}), got {list(slots)}.")
+        raise MergeError(
+            f"slots must be distinct deep block indices in [0, {len(deep.blocks)}), got {list(slots)}."
+        )
     out: dict[str, str] = {}
     _pair(out, deep.stem, shallow.stem, "stems")
     _pair(out, deep.head, shallow.head, "heads")
     for k, j in enumerate(slots):
         a, b = deep.blocks[j], shallow.blocks[k]
-        _pair(out, a.params, b.params, f"blocks (shallow block {k} '{b.name}' placed at deep block {j} '{a.name}')")
+        _pair(
+            out,
+            a.params,
+            b.params,
+            f"blocks (shallow block {k} '{b.name}' placed at deep block {j} '{a.name}')",
+        )
     return out
 
 
-def _axis_sizes(spec: PermutationSpec, lay: Layout, n: int, names: tuple[str, str], axis: int) -> dict[int, int]:
+def _axis_sizes(
+    spec: PermutationSpec, lay: Layout, n: int, names: tuple[str, str], axis: int
+) -> dict[int, int]:
     """Group sizes implied by an axis of ``n`` entries with layout ``lay``."""
     if isinstance(lay, G):
         return {lay.gid: n}
-    flat = isinstance(lay, Prod) and isinstance(lay.outer, G) and all(isinstance(i, LFixed) for i in lay.inners)
+    flat = (
+        isinstance(lay, Prod) and isinstance(lay.outer, G) and all(isinstance(i, LFixed) for i in lay.inners)
+    )
     if flat and n % lay.inners[0].size == 0:
         return {lay.outer.gid: n // lay.inners[0].size}
     if n == lay.size:
@@ -109,12 +120,18 @@ def _axis_sizes(spec: PermutationSpec, lay: Layout, n: int, names: tuple[str, st
 def _contraction_groups(spec: PermutationSpec, name: str) -> tuple[int | None, int | None]:
     """(input group, output group) of a contraction weight, where the axes carry plain groups."""
     lays, roles = spec.axes[name], spec.roles.get(name, [])
-    gin = next((lay.gid for lay, r in zip(lays, roles, strict=False) if r == "in" and isinstance(lay, G)), None)
-    gout = next((lay.gid for lay, r in zip(lays, roles, strict=False) if r == "out" and isinstance(lay, G)), None)
+    gin = next(
+        (lay.gid for lay, r in zip(lays, roles, strict=False) if r == "in" and isinstance(lay, G)), None
+    )
+    gout = next(
+        (lay.gid for lay, r in zip(lays, roles, strict=False) if r == "out" and isinstance(lay, G)), None
+    )
     return gin, gout
 
 
-def _layer_ties(spec: PermutationSpec, deep: BlockStructure, padded: Sequence[int]) -> list[tuple[int, int, str]]:
+def _layer_ties(
+    spec: PermutationSpec, deep: BlockStructure, padded: Sequence[int]
+) -> list[tuple[int, int, str]]:
     """(input group, output group, block name) of each padded plain layer: an identity keeps the width."""
     ties = []
     for j in padded:
@@ -142,7 +159,9 @@ def twin_widths(
             continue
         t = src[b]
         if t.dim() != len(lays):
-            raise MergeError(f"{a!r} has {len(lays)} axes in the deep model but {b!r} has {t.dim()}: the layers differ.")
+            raise MergeError(
+                f"{a!r} has {len(lays)} axes in the deep model but {b!r} has {t.dim()}: the layers differ."
+            )
         for axis, lay in enumerate(lays):
             for gid, k in _axis_sizes(spec, lay, int(t.shape[axis]), (a, b), axis).items():
                 if sizes.get(gid, k) != k:
@@ -179,8 +198,11 @@ def _branch_end(deep: BlockStructure, block: Block, branch: str) -> list[str]:
         params = node_reads(cg, node)
         if params:
             return params
-        ins = [a for a in node.all_input_nodes
-               if a.name in inside and a.name in deep.shapes and a.op != "get_attr" and a.name not in cg.bindings]
+        ins = [
+            a
+            for a in node.all_input_nodes
+            if a.name in inside and a.name in deep.shapes and a.op != "get_attr" and a.name not in cg.bindings
+        ]
         if len(ins) != 1:
             raise MergeError(f"cannot find the last parameterised op of the residual branch ending at {branch!r} "
                              f"in block {block.name!r}; give the blocks explicitly or use a plain layer.")  # fmt: skip
@@ -268,10 +290,15 @@ def _flat(out: Any) -> list[torch.Tensor]:
 
 def output_error(a: nn.Module, b: nn.Module, example_inputs: Any) -> tuple[float, float]:
     """(max |a(x) - b(x)|, max |b(x)|) over all output tensors (eval mode)."""
-    ya, yb = _flat(check_runs(a, example_inputs, "the twin")), _flat(check_runs(b, example_inputs, "the model"))
+    ya, yb = (
+        _flat(check_runs(a, example_inputs, "the twin")),
+        _flat(check_runs(b, example_inputs, "the model")),
+    )
     if len(ya) != len(yb) or any(x.shape != y.shape for x, y in zip(ya, yb, strict=False)):
         raise MergeError("the twin's outputs do not have the shallow model's shapes; the heads differ.")
-    err = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ya, yb, strict=True)), default=0.0)
+    err = max(
+        (float((x.double() - y.double()).abs().max()) for x, y in zip(ya, yb, strict=True)), default=0.0
+    )
     return err, max((float(y.double().abs().max()) for y in yb), default=0.0)
 
 
@@ -307,7 +334,9 @@ def expand(
     src: dict[str, torch.Tensor] = dict(shallow_model.named_parameters(remove_duplicate=False))
     src.update(dict(shallow_model.named_buffers(remove_duplicate=False)))
     widths = twin_widths(spec, deep, pmap, src, padded)
-    twin = copy.deepcopy(deep_model) if widths == group_sizes(spec) else resize_model(deep_model, spec, widths)
+    twin = (
+        copy.deepcopy(deep_model) if widths == group_sizes(spec) else resize_model(deep_model, spec, widths)
+    )
     dst: dict[str, torch.Tensor] = dict(twin.named_parameters(remove_duplicate=False))
     dst.update(dict(twin.named_buffers(remove_duplicate=False)))
     with torch.no_grad():

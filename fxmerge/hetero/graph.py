@@ -34,7 +34,9 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def run_graph(cg: CapturedGraph, args: tuple, kwargs: dict, keep: Iterable[str] | None = None) -> dict[str, Any]:
+def run_graph(
+    cg: CapturedGraph, args: tuple, kwargs: dict, keep: Iterable[str] | None = None
+) -> dict[str, Any]:
     """Run the captured graph on ``(args, kwargs)`` under no_grad and return the kept node values.
 
     Raises:

@@ -39,18 +39,35 @@ def _default_figsize(m: int, n: int) -> tuple[float, float]:
     return (min(2.5 + 0.35 * n, 16.0), min(2.0 + 0.3 * m, 16.0))
 
 
-def _draw(fig: Figure, arr: np.ndarray, seg: Segmentation, where: Where, title: str | None,
-          labels: tuple[str, str]) -> None:
+def _draw(
+    fig: Figure, arr: np.ndarray, seg: Segmentation, where: Where, title: str | None, labels: tuple[str, str]
+) -> None:
     """Heatmap, one rectangle per segment, a marker at each placement slot, stage boundaries."""
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(arr, cmap="viridis", aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="similarity")
     for k, (start, end) in enumerate(seg.segments):
-        ax.add_patch(Rectangle((k - 0.5, start - 0.5), 1.0, end - start + 1.0, fill=False,
-                               edgecolor=SEGMENT_COLOR, linewidth=2.0))
+        ax.add_patch(
+            Rectangle(
+                (k - 0.5, start - 0.5),
+                1.0,
+                end - start + 1.0,
+                fill=False,
+                edgecolor=SEGMENT_COLOR,
+                linewidth=2.0,
+            )
+        )
     slots = seg.slots(where)
-    ax.scatter(range(len(slots)), slots, marker="o", s=30, facecolors=SLOT_COLOR,
-               edgecolors=STAGE_COLOR, zorder=3, label=f"placement ({where})")
+    ax.scatter(
+        range(len(slots)),
+        slots,
+        marker="o",
+        s=30,
+        facecolors=SLOT_COLOR,
+        edgecolors=STAGE_COLOR,
+        zorder=3,
+        label=f"placement ({where})",
+    )
     for row in np.cumsum(seg.stages_a)[:-1]:
         ax.axhline(row - 0.5, color=STAGE_COLOR, linestyle="--", linewidth=1.0)
     for col in np.cumsum(seg.stages_b)[:-1]:

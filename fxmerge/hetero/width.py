@@ -59,7 +59,9 @@ def check_same_structure(ref: PermutationSpec, other: PermutationSpec, names: tu
                          f"{len(other.groups)}: the models do not have the same structure.")  # fmt: skip
     only = sorted(set(ref.axes) ^ set(other.axes))
     if only:
-        raise MergeError(f"the models' tensors differ (e.g. {only[:4]}); they do not have the same structure.")
+        raise MergeError(
+            f"the models' tensors differ (e.g. {only[:4]}); they do not have the same structure."
+        )
     for name, lays in ref.axes.items():
         a = [layout_signature(x) for x in lays]
         b = [layout_signature(x) for x in other.axes[name]]
@@ -120,7 +122,9 @@ def _target(gid: int, present: list[int], width: WidthTarget) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise MergeError(f"the target width of group g{gid} must be an int >= 1, got {k!r}.")
     if k > sum(present):
-        raise MergeError(f"the target width {k} of group g{gid} exceeds the {sum(present)} units of all models.")
+        raise MergeError(
+            f"the target width {k} of group g{gid} exceeds the {sum(present)} units of all models."
+        )
     return k
 
 
@@ -173,7 +177,12 @@ def _fix_generic(module: nn.Module, changes: dict[int, set[int]], label: str) ->
     mapping = {old: next(iter(new)) for old, new in changes.items() if len(new) == 1 and old not in new}
     fixed = []
     for key, value in list(vars(module).items()):
-        if key.startswith("_") or isinstance(value, bool) or not isinstance(value, int) or value not in mapping:
+        if (
+            key.startswith("_")
+            or isinstance(value, bool)
+            or not isinstance(value, int)
+            or value not in mapping
+        ):
             continue
         setattr(module, key, mapping[value])
         fixed.append(key)
@@ -216,13 +225,17 @@ def resize_model(
     for name, lays in spec.axes.items():
         old = tensors.get(name)
         if old is None:
-            raise MergeError(f"the spec lists {name!r} but the model has no such tensor; infer the spec on this model.")
+            raise MergeError(
+                f"the spec lists {name!r} but the model has no such tensor; infer the spec on this model."
+            )
         shape = tuple(resized_size(lay, widths) for lay in lays)
         if shape == tuple(old.shape):
             continue
         if id(old) not in replaced:
             t = _resize_tensor(old, shape)
-            replaced[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+            replaced[id(old)] = (
+                nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t
+            )
         module, attr = _owner(new, name)
         _set_tensor(module, attr, replaced[id(old)])
         per = changes.setdefault(name.rpartition(".")[0], {})

@@ -127,7 +127,7 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
     report = {
         "method": method_name(meth),
         "settings": method_settings(meth),
-        "options": opts.model_dump(mode="json"),
+        "options": opts.model_dump(mode="json", exclude={"progress"}),
         "n_models": n,
         "groups": len(spec) if spec is not None else 0,
         "spaces": len(spaces),

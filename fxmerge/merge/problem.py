@@ -89,8 +89,8 @@ class Problem:
         if self.elastic is None:
             return solve_spaces(keys, self.spaces, sims, self.n, opts)
         if opts.matcher != "zip":
-            raise MergeError("models of different widths are merged by zipping (elastic width): use method "
-                             "'zipit', or MuDSC with matcher='zip'")  # fmt: skip
+            raise MergeError("models of different widths are merged by elastic zipping: use method 'zipit' (or "
+                             "MuDSC with matcher='zip')")  # fmt: skip
         return {k: self._match_elastic(k, sims[k], opts) for k in keys}
 
     def _match_elastic(self, key: Layout, sim: torch.Tensor, opts: MatchOptions) -> Matching:

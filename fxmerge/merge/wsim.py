@@ -99,6 +99,7 @@ class WeightSimilarity:
         self._budget = cache_bytes
         self._params: dict[tuple[int, str], torch.Tensor] = {}
         self._state = {k: _SpaceState(self._groups(k, sp)) for k, sp in spaces.items()}
+        self._norms: dict[Layout, list[torch.Tensor]] = {}
         self._plan_caches()
 
     # ------------------------------------------------------------------ structure
@@ -180,8 +181,8 @@ class WeightSimilarity:
         if offsets is not None:
             vecs = [v - o.to(v)[:, None] for v, o in zip(vecs, offsets, strict=True)]
         dots = {(i, j): vecs[i] @ vecs[j].T for i, j in self._pairs()}
-        sums = [v.double().sum(dim=1) for v in vecs]
-        squares = [v.double().square().sum(dim=1) for v in vecs]
+        sums = [v.sum(dim=1, dtype=torch.float64) for v in vecs]  # centred values: float32 squares suffice
+        squares = [torch.linalg.vector_norm(v, dim=1).double().square() for v in vecs]
         return _Contribution(tuple(tr.get(d) for d in group.deps), dots, sums, squares)
 
     def _offsets(self, key: Layout, tr: Transforms) -> list[torch.Tensor] | None:
@@ -222,6 +223,7 @@ class WeightSimilarity:
         sim = torch.zeros(o, o, dtype=torch.float64)
         dots = {p: sum(c.dots[p] for c in parts).double().cpu() for p in self._pairs()}
         if self.kind == "dot":
+            self._norms[key] = [sum(c.squares[m] for c in parts).cpu().sqrt() for m in range(n)]
             for (i, j), d in dots.items():
                 sim[i * size : (i + 1) * size, j * size : (j + 1) * size] = d
                 sim[j * size : (j + 1) * size, i * size : (i + 1) * size] = d.T
@@ -237,6 +239,15 @@ class WeightSimilarity:
             sim[i * size : (i + 1) * size, j * size : (j + 1) * size] = corr
             sim[j * size : (j + 1) * size, i * size : (i + 1) * size] = corr.T
         return _symmetric_blocks(sim, size, n, self.cross_only)
+
+
+    def cosine(self, key: Layout, sim: torch.Tensor) -> torch.Tensor:
+        """A ``"dot"`` similarity of ``key`` (its last evaluation) as cosines: the same matching on a readable
+        scale, for reports."""
+        if self.kind != "dot" or key not in self._norms:
+            return sim
+        norm = torch.cat(self._norms[key]).to(sim).clamp_min(1e-30)
+        return sim / norm[:, None] / norm[None, :]
 
 
 def _symmetric_blocks(sim: torch.Tensor, size: int, n: int, cross_only: bool) -> torch.Tensor:

@@ -45,7 +45,12 @@ def test_torchvision_typo_suggests_names(tmp_path, checkpoints):
     ({"seed": [1]}, "options.seed: Input should be a valid integer"),
 ])  # fmt: skip
 def test_wrong_types_name_the_option(tmp_path, checkpoints, options, fragment):
-    assert_rejected(tmp_path, base_config(options=options), fragment)
+    assert_rejected(tmp_path, base_config(method="mudsc", options=options), fragment)
+
+
+def test_an_option_of_another_method_is_named_with_its_owners(tmp_path, checkpoints):
+    assert_rejected(tmp_path, base_config(options={"alpha": 0.3}),  # act_align has no alpha
+                    "options.alpha: not a setting of method 'act_align'; it is a setting of zipit, wzip, mudsc")
 
 
 def test_unknown_keys_list_the_allowed_ones(tmp_path, checkpoints):
