@@ -40,7 +40,7 @@ class Matching:
     matching built from dense matrices keeps them as given.
     """
 
-    __slots__ = ("_cols", "_device", "_dtype", "_merge", "_sizes", "_unmerge", "_width", "value")
+    __slots__ = ("_cache", "_cols", "_device", "_dtype", "_merge", "_sizes", "_unmerge", "_width", "value")
 
     def __init__(self, merge: list[Tensor], unmerge: list[Tensor], value: float) -> None:
         self._merge = list(merge)
@@ -50,6 +50,7 @@ class Matching:
         self._width = int(self._unmerge[0].shape[1])
         self._dtype = self._unmerge[0].dtype
         self._device = self._unmerge[0].device
+        self._cache: dict = {}
         self.value = float(value)
 
     @property
@@ -88,24 +89,46 @@ class Matching:
     def columns(self, model: int) -> Tensor | None:
         """The assignment of ``model``'s units ([C_m], -1: dropped) when the matching is one (always for the
         built-in matchers), else None (a hand-built dense matching that mixes units)."""
-        if self._cols is None and not self._derive_columns():
-            return None
-        start = sum(self._sizes[:model])
-        return torch.as_tensor(self._cols[start : start + self._sizes[model]], device=self._device)
+        key = ("cols", model)
+        if key not in self._cache:
+            if self._cols is None and not self._derive_columns():
+                self._cache[key] = None
+            else:
+                start = sum(self._sizes[:model])
+                self._cache[key] = torch.as_tensor(
+                    self._cols[start : start + self._sizes[model]], device=self._device
+                )
+        return self._cache[key]
+
+    def is_permutation(self, model: int) -> bool:
+        """Whether ``model``'s units map one-to-one onto all K merged units."""
+        key = ("perm", model)
+        if key not in self._cache:
+            cols = self.columns(model)
+            self._cache[key] = (
+                cols is not None
+                and cols.numel() == self._width
+                and bool((torch.bincount(cols.clamp_min(0), minlength=self._width) == 1).all())
+                and bool((cols >= 0).all())
+            )
+        return self._cache[key]
 
     def weights(self, model: int) -> Tensor | None:
         """``merge[model]``'s non-zero per unit ([C_m]: 1/size of the unit's merged unit, 0 if dropped)."""
-        cols = self.columns(model)
-        if cols is None:
+        key = ("w", model)
+        if key not in self._cache:
+            self._cache[key] = self._weights(model)
+        return self._cache[key]
+
+    def _weights(self, model: int) -> Tensor | None:
+        """Exact 1/count in float64 whatever the matching's dtype (merged values are summed in float64)."""
+        if self.columns(model) is None:
             return None
-        if self._merge is not None:
-            w = self._merge[model].gather(0, cols.clamp_min(0)[None]).squeeze(0)
-            return torch.where(cols >= 0, w, torch.zeros_like(w))
         inv = 1.0 / np.maximum(self._counts(), 1.0)
         out = np.where(self._cols >= 0, inv[np.maximum(self._cols, 0)], 0.0)
         start = sum(self._sizes[:model])
         return torch.as_tensor(
-            out[start : start + self._sizes[model]], dtype=self._dtype, device=self._device
+            out[start : start + self._sizes[model]], dtype=torch.float64, device=self._device
         )
 
     def is_one_to_one(self) -> bool:
@@ -131,6 +154,13 @@ class Matching:
         return all(torch.equal(x, y) for x, y in zip(self.merge, other.merge, strict=True)) and all(
             torch.equal(x, y) for x, y in zip(self.unmerge, other.unmerge, strict=True)
         )
+
+    def compact(self) -> Matching:
+        """The same matching stored as an assignment (dense matrices dropped), or ``self`` if it is not one."""
+        if self._merge is None or (self._cols is None and not self._derive_columns()):
+            return self
+        return Matching.from_columns(self._cols, self._sizes, self._width, self.value, dtype=self._dtype,
+                                     device=self._device)  # fmt: skip
 
     def _columns_or_none(self) -> np.ndarray | None:
         if self._cols is None and not self._derive_columns():
@@ -202,6 +232,7 @@ class Matching:
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._merge = None
         self._unmerge = None
+        self._cache = {}
         self.value = float(value)
         return self
 

@@ -113,6 +113,7 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
     problem = Problem(spec, spaces, states, identity_transforms(spaces, n), act, gen, opts.progress,
                       device=_device_of(models[0]))  # fmt: skip
     sol = meth.solve(problem)
+    del problem  # its similarity caches: free them before the merged model is built
     tr = sol.transforms
     t3 = time.perf_counter()
     merged = copy.deepcopy(models[0])

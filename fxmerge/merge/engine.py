@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +125,7 @@ def coordinate_descent(
             sims = {k: sim_of(k, tr) for k in keys}
             log.solves += 1
             for k, mt in solve_spaces(keys, spaces, sims, n, opts).items():
+                mt = mt.compact()
                 old = tr.get(k)
                 if old is not None and old.same_as(mt):
                     old.value = mt.value
@@ -130,7 +133,10 @@ def coordinate_descent(
                     tr[k] = mt
                     changed += 1
             seen[i] = stamp
+            if sum(spaces[k].size for k in keys) >= 1024:  # large temporaries were freed: return them
+                release_freed_memory()
             last_sims.update({k: v.float() for k, v in sims.items() if v.shape[0] <= keep_sims})
+        release_freed_memory()
         value = sum(tr[k].value for k in spaces) / max(len(spaces), 1)
         log.sweeps += 1
         log.values.append(value)
@@ -147,6 +153,22 @@ def coordinate_descent(
     if not log.sims:
         log.sims = dict(last_sims)
     return best, log
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the sweep's temporaries back to the OS (glibc keeps freed blocks below its mmap
+    threshold in the heap, so a process's RSS would otherwise stay at the sum of every sweep's temporaries)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
 
 
 def identity_transforms(spaces: dict[Layout, Space], n: int) -> Transforms:

@@ -62,7 +62,7 @@ def matched_similarity(sim: torch.Tensor, unmerge: list[torch.Tensor] | torch.Te
     if c.numel() == 0:
         return float("nan")
     k = int(c.max()) + 1
-    sub = sim.index_select(0, idx).index_select(1, idx)
+    sub = sim if idx.numel() == sim.shape[0] else sim.index_select(0, idx).index_select(1, idx)
     per_row = sub.new_zeros(sub.shape[0], k).index_add_(1, c, sub)  # row i: sum over units in each cluster
     within = per_row.gather(1, c[:, None]).squeeze(1) - sub.diagonal()  # row i's sum over its cluster mates
     pair_sum = sub.new_zeros(k).index_add_(0, c, within)
@@ -89,6 +89,6 @@ def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: 
         members=members,
         similarity=sim.detach().cpu(),
         matching=mt,
-        before=matched_similarity(sim.double().cpu(), identity_pairs(space.size, n)),
-        after=matched_similarity(sim.double().cpu(), torch.cat([mt.assignment(m).cpu() for m in range(n)])),
+        before=matched_similarity(sim.cpu(), identity_pairs(space.size, n)),
+        after=matched_similarity(sim.cpu(), torch.cat([mt.assignment(m).cpu() for m in range(n)])),
     )

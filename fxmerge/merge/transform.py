@@ -37,7 +37,8 @@ def _along(x: torch.Tensor, axis: int, mt: Matching, m: int, mode: str, unit: in
         mat = mt.merge[m] if mode == "merge" else (mt.unmerge[m].T if mode == "in" else mt.unmerge[m])
         z = mat.to(y.dtype) @ y.reshape(mat.shape[1], -1)
         return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
-    cols = cols.to(y.device)
+    if cols.device != y.device:
+        cols = cols.to(y.device)
     k = mt.width
     if mode == "act":  # unit c of model m <- merged unit cols[c] (dropped units: zeros)
         flat = y.reshape(k, -1)
@@ -45,15 +46,17 @@ def _along(x: torch.Tensor, axis: int, mt: Matching, m: int, mode: str, unit: in
         z = torch.where((cols >= 0)[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
         return z.reshape(cols.numel() * unit, *rest).movedim(0, axis)
     flat = y.reshape(cols.numel(), -1)
-    keep = cols >= 0
+    perm = mt.is_permutation(m)
     if mode == "merge":
         w = mt.weights(m).to(device=y.device, dtype=y.dtype)
         src = flat * w[:, None]
     else:
         src = flat
-    if not bool(keep.all()):
-        src, cols = src[keep], cols[keep]
-    if cols.numel() == k and mode == "in" and bool((torch.bincount(cols, minlength=k) == 1).all()):
+    if not perm:
+        keep = cols >= 0
+        if not bool(keep.all()):
+            src, cols = src[keep], cols[keep]
+    if perm and mode == "in":
         z = flat.new_empty(k, flat.shape[1]).index_copy_(0, cols, src)  # a permutation: exact, no additions
     else:
         z = flat.new_zeros(k, flat.shape[1]).index_add_(0, cols, src)

@@ -202,7 +202,8 @@ class WeightSimilarity:
         return st.offsets
 
     def __call__(self, key: Layout, tr: Transforms) -> torch.Tensor:
-        """The [O, O] float64 similarity of ``key``'s units under the current transforms ``tr`` (on the CPU)."""
+        """The [O, O] similarity of ``key``'s units under the current transforms ``tr`` (on the CPU; float64, or
+        float32 with zero within-model blocks when ``cross_only``)."""
         st = self._state[key]
         offsets = self._offsets(key, tr)
         parts = []
@@ -220,8 +221,12 @@ class WeightSimilarity:
         size = self.spaces[key].size
         n = self.n
         o = size * n
-        sim = torch.zeros(o, o, dtype=torch.float64)
-        dots = {p: sum(c.dots[p] for c in parts).double().cpu() for p in self._pairs()}
+        # alignment reads only the cross blocks (converted to float64 per block by the Hungarian): float32 [O, O]
+        # halves the matrix; zipping gets float64 as before
+        dtype = torch.float32 if self.cross_only else torch.float64
+        sim = torch.zeros(o, o, dtype=dtype)
+        dots = {p: _total([c.dots[p] for c in parts]).to(device="cpu", dtype=torch.float64 if self.kind == "corr"
+                                                            else dtype) for p in self._pairs()}  # fmt: skip
         if self.kind == "dot":
             self._norms[key] = [sum(c.squares[m] for c in parts).cpu().sqrt() for m in range(n)]
             for (i, j), d in dots.items():
@@ -240,7 +245,6 @@ class WeightSimilarity:
             sim[j * size : (j + 1) * size, i * size : (i + 1) * size] = corr.T
         return _symmetric_blocks(sim, size, n, self.cross_only)
 
-
     def cosine(self, key: Layout, sim: torch.Tensor) -> torch.Tensor:
         """A ``"dot"`` similarity of ``key`` (its last evaluation) as cosines: the same matching on a readable
         scale, for reports."""
@@ -248,6 +252,13 @@ class WeightSimilarity:
             return sim
         norm = torch.cat(self._norms[key]).to(sim).clamp_min(1e-30)
         return sim / norm[:, None] / norm[None, :]
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    out = parts[0].clone() if len(parts) > 1 else parts[0]
+    for p in parts[1:]:
+        out += p
+    return out
 
 
 def _symmetric_blocks(sim: torch.Tensor, size: int, n: int, cross_only: bool) -> torch.Tensor:
