@@ -1197,6 +1197,29 @@ def _ok(v: Any) -> str:
     return {True: "yes", False: "**no**", None: "-"}.get(v, str(v))
 
 
+# Diagnoses of rows that are not green, written by whoever investigated them (shown after the measured reason;
+# a row that turns green hides its note). Keep them to what was measured.
+DIAGNOSES: dict[str, str] = {
+    "timm/dla": "merge engine: in the spaces of the per-group input axis of grouped convolutions (`conv2.weight[1]`, "
+    "a factor shared by every conv group) the true partner of each unit has similarity ~0 instead of 1 (the "
+    "activations are compared without aligning the conv-group factor); the spec is sound",
+    "timm/cpubone": "merge engine: as timm/dla (grouped `spatial_conv` per-group input axis, true-partner similarity "
+    "~0)",
+    "timm/dpn": "merge engine: as timm/dla (grouped `c3x3_b` per-group input axis, true-partner similarity ~0)",
+    "timm/efficientvim": "units not distinguishable on the data: with these random weights the stage-2 activations "
+    "hardly depend on the input (std over samples ~1e-9; output spread 1e-4 of its scale at 64, 96 and 128 px), "
+    "so act_align's similarities tie at 1.0",
+    "timm/csatv2": "units not distinguishable on the data: the spatial-attention transformer has width 1, its "
+    "LayerNorm((1,)) outputs a constant, so the 4 hidden units of its MLP are constant and tie (similarity 1.0)",
+    "timm/byoanet": "halonet_h1 builds only at its 256 px default (64, 96 and 112 px fail); infer and verify take "
+    "85 s and act_align does not finish in the rest of the 300 s limit on one shared core",
+    "timm/deepseek_vit": "cost, not a hotspot (cProfile of infer_groups): 412M parameters at 546 px, where one "
+    "float64 forward takes minutes on one core and inference runs ~7 (capture, the gate's reference and "
+    "permuted passes); at 112 px one forward takes 12 s and infer_groups(strict=False) 170 s, all of it linear "
+    "in the model (forwards, parameter permutation and copies)",
+}
+
+
 def _reason(rec: dict[str, Any]) -> str:
     parts = []
     if rec.get("timeout"):
@@ -1228,8 +1251,9 @@ def _reason(rec: dict[str, Any]) -> str:
     for m in ("act_align", "rebasin"):
         if isinstance(rec.get(m), float) and rec[m] > recovery_tol(rec):
             parts.append(f"{m} recovers with error {rec[m]:.1e}")
-    text = "; ".join(parts)
-    return text.replace("|", "\\|").replace("\n", " ")[:600]
+    note = DIAGNOSES.get(rec.get("key", "")) if red_stages(rec) else None
+    text = "; ".join(parts)[:600] + (f"; diagnosis: {note}" if note else "")
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _commands(cache: dict[str, Any]) -> list[str]:
