@@ -64,7 +64,6 @@ RECOVERY_TOL = 1e-6
 # models with a kernel that has no float64 CPU implementation (the grouped matmul of Hugging Face MoE experts)
 # run the merge stage in float32; the relative error then passes at fxmerge.verify's float32 tolerance
 RECOVERY_TOL_F32 = 1e-4
-REBASIN_PATIENCE = 2  # coordinate-descent sweeps without improvement (library default 5; same optimum here)
 IMG = 64  # default image side
 SEQ = 8  # default sequence length
 FAMILIES = ("torchvision", "timm", "hf")
@@ -804,11 +803,9 @@ def run_model(
         t = time.perf_counter()
         result = None
         try:
-            options = {"patience": REBASIN_PATIENCE} if method == "rebasin" else {}
             result = fxmerge.merge(
                 [model, b],
                 method=method,
-                **options,
                 data=data,
                 example_inputs=x,
                 spec=spec,
@@ -1200,12 +1197,6 @@ def _ok(v: Any) -> str:
 # Diagnoses of rows that are not green, written by whoever investigated them (shown after the measured reason;
 # a row that turns green hides its note). Keep them to what was measured.
 DIAGNOSES: dict[str, str] = {
-    "timm/dla": "merge engine: in the spaces of the per-group input axis of grouped convolutions (`conv2.weight[1]`, "
-    "a factor shared by every conv group) the true partner of each unit has similarity ~0 instead of 1 (the "
-    "activations are compared without aligning the conv-group factor); the spec is sound",
-    "timm/cpubone": "merge engine: as timm/dla (grouped `spatial_conv` per-group input axis, true-partner similarity "
-    "~0)",
-    "timm/dpn": "merge engine: as timm/dla (grouped `c3x3_b` per-group input axis, true-partner similarity ~0)",
     "timm/efficientvim": "units not distinguishable on the data: with these random weights the stage-2 activations "
     "hardly depend on the input (std over samples ~1e-9; output spread 1e-4 of its scale at 64, 96 and 128 px), "
     "so act_align's similarities tie at 1.0",
