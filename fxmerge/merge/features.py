@@ -2,9 +2,7 @@
 
 For each model the captured graph is executed with an fx Interpreter that keeps the values of the probe
 nodes only; features are streamed into one :class:`~fxmerge.stats.CorrelationAccumulator` per space, so
-memory is bounded by the space sizes, not by the data. A space's probe points are stacked as samples and
-centred each on its own mean (:class:`_PointStats`), so that per-point offsets (a BatchNorm's bias) do not
-pass for shared variation; units constant on the data are compared by their values.
+memory is bounded by the space sizes, not by the data.
 """
 
 from __future__ import annotations
@@ -99,7 +97,6 @@ def activation_correlations(
     frontend = spec.graph.frontend if spec.graph is not None else "auto"
     graphs = _GraphCache(models, example_inputs, frontend, keep, spec.graph)
     accs = {k: CorrelationAccumulator([spaces[k].size] * len(models)) for k in probes}
-    points = {k: _PointStats(len(pts)) for k, pts in probes.items()}
     gen = torch.Generator().manual_seed(seed)
     batches = iter_inputs(data)
     it = tqdm(batches, desc="activation statistics", disable=not progress, leave=False)
@@ -107,7 +104,7 @@ def activation_correlations(
         for i, (args, kwargs) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            _accumulate(graphs.get(args, kwargs), keep, probes, accs, points, args, kwargs, gen, grouped)
+            _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen, grouped)
     if accs and all(acc.count == 0 for acc in accs.values()):
         raise MergeError(
             "data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)"
@@ -115,97 +112,9 @@ def activation_correlations(
     result = {}
     for k, acc in accs.items():
         acc.all_reduce()
-        points[k].all_reduce()
         if acc.count > 1:
-            result[k] = points[k].correlation(acc)
+            result[k] = acc.correlation()
     return result
-
-
-class _PointStats:
-    """Per probe point of a space: sample count, per-unit sum and range of the stacked units.
-
-    A space's probe points (a conv output, its BatchNorm, its ReLU) are stacked as samples of one
-    :class:`~fxmerge.stats.CorrelationAccumulator`. Their per-point means differ (a BatchNorm shifts every unit
-    by its own bias), so the stacked covariance holds a between-point part that only says *at which point* a
-    sample was taken: where a unit varies little inside each point, that part dominates and units correlate
-    ~1 with many others (their true partner ties with them). :meth:`correlation` removes it: the Pearson
-    correlation of the pooled within-point covariance, i.e. of the features centred per point.
-
-    A unit constant at every point (outputs of a grouped-convolution group whose inputs are all dead after a
-    ReLU: a conv output of 0, a BatchNorm output of its own constant) has no within-point variance; its
-    constants carry the information, so constant units are compared by their values.
-    """
-
-    def __init__(self, n_points: int) -> None:
-        self.count = [0] * n_points
-        self.sum: list[torch.Tensor | None] = [None] * n_points
-        self.lo: list[torch.Tensor | None] = [None] * n_points
-        self.hi: list[torch.Tensor | None] = [None] * n_points
-
-    def update(self, j: int, feats: list[torch.Tensor]) -> None:
-        x = torch.cat([f.to(torch.float64) for f in feats], dim=1)
-        lo, hi, total = x.min(dim=0).values, x.max(dim=0).values, x.sum(dim=0)
-        self.count[j] += x.shape[0]
-        self.sum[j] = total if self.sum[j] is None else self.sum[j] + total
-        self.lo[j] = lo if self.lo[j] is None else torch.minimum(self.lo[j], lo)
-        self.hi[j] = hi if self.hi[j] is None else torch.maximum(self.hi[j], hi)
-
-    def all_reduce(self) -> None:
-        """Sum / min / max over the processes of the default group (no-op without one)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for j in range(len(self.count)):
-            if self.sum[j] is None:  # this process saw no rows at point j: neutral elements
-                continue
-            count = torch.tensor([float(self.count[j])], dtype=torch.float64, device=self.sum[j].device)
-            for t, op in ((count, dist.ReduceOp.SUM), (self.sum[j], dist.ReduceOp.SUM),
-                          (self.lo[j], dist.ReduceOp.MIN), (self.hi[j], dist.ReduceOp.MAX)):  # fmt: skip
-                dist.all_reduce(t, op=op)
-            self.count[j] = int(count.item())
-
-    def correlation(self, acc: CorrelationAccumulator) -> torch.Tensor:
-        """Pearson correlation [D, D] of the features centred per probe point (``acc`` holds the stacked ones).
-
-        Within-point covariance ``W = C - sum_j (n_j / N) (mu_j - mu)(mu_j - mu)^T`` (``C``: the stacked
-        covariance). Units constant at every point get 0 against every other unit and, between two constant
-        units with per-point values ``a``, ``b``, ``1 - sum|a - b| / sum(|a| + |b|)`` (1 for equal values)."""
-        seen = [j for j, n in enumerate(self.count) if n > 0]
-        if not seen:
-            return acc.correlation()
-        stacked = acc.covariance()
-        cov = stacked.to("cpu", torch.float64)
-        total = float(sum(self.count[j] for j in seen))
-        mu = sum(self.sum[j].cpu() for j in seen) / total
-        for j in seen:
-            d = self.sum[j].cpu() / self.count[j] - mu
-            cov.addr_(d, d, alpha=-self.count[j] / total)
-        lo = torch.stack([self.lo[j].cpu() for j in seen])
-        hi = torch.stack([self.hi[j].cpu() for j in seen])
-        scale = torch.maximum(lo.abs(), hi.abs())
-        eps = torch.finfo(acc.dtype).eps
-        var = cov.diagonal().clone()
-        constant = ((hi - lo) <= 16 * eps * scale).all(dim=0) | (var <= (eps * scale.amax(dim=0)) ** 2)
-        std = torch.where(constant, torch.ones_like(var), var.clamp_min(0.0).sqrt())
-        corr = cov / torch.outer(std, std)
-        corr[constant, :] = 0.0
-        corr[:, constant] = 0.0
-        corr.clamp_(-1.0, 1.0)
-        idx = constant.nonzero().flatten()
-        if len(idx):
-            a = (self.means(seen)[:, constant]).T.contiguous()  # [c, points]: the constants
-            diff = torch.cdist(a, a, p=1.0)
-            mass = a.abs().sum(-1)
-            both = mass[:, None] + mass[None, :]
-            sim = torch.where(both > 0, 1.0 - diff / both.clamp_min(1e-300), torch.ones_like(both))
-            corr[idx[:, None], idx[None, :]] = sim
-        corr.fill_diagonal_(1.0)
-        return corr.to(stacked)
-
-    def means(self, seen: list[int]) -> torch.Tensor:
-        """[points, D]: per-point means."""
-        return torch.stack([self.sum[j].cpu() / self.count[j] for j in seen])
 
 
 class _GraphCache:
@@ -365,7 +274,7 @@ def invariant_over(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return flat.reshape(y.shape).permute(sorted(range(t.ndim), key=order.__getitem__))
 
 
-def _accumulate(graphs, keep, probes, accs, points, args, kwargs, gen, grouped) -> None:
+def _accumulate(graphs, keep, probes, accs, args, kwargs, gen, grouped) -> None:
     recs = []
     for cg in graphs:
         rec = _Recorder(cg.gm, keep)
@@ -379,7 +288,7 @@ def _accumulate(graphs, keep, probes, accs, points, args, kwargs, gen, grouped) 
     for k, pts in probes.items():
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         size = accs[k].dims[0]
-        for j, (node, axis, offset, unit) in enumerate(pts):
+        for node, axis, offset, unit in pts:
             feats = []
             for values in recs:
                 g = torch.Generator().manual_seed(seed)
@@ -391,7 +300,6 @@ def _accumulate(graphs, keep, probes, accs, points, args, kwargs, gen, grouped) 
                 feats = [f[keep_rows] for f in feats]
             if feats[0].shape[0]:
                 accs[k].update(feats)
-                points[k].update(j, feats)
 
 
 def _regular_rows(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
