@@ -49,8 +49,11 @@ def _start(root: Path, out: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = Path(sys.executable).with_name("fxmerge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "fxmerge.cli"]
+    # a shell that starts the test run in the background (``make test &``, some CI runners) hands its children an
+    # *ignored* SIGINT, and Python then installs no Ctrl-C handler; a user's terminal does not: restore the default
     return subprocess.Popen([*command, "merge-tv", "merge.yaml", out, "-q"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _stages(root: Path, out: str) -> list[Path]:
