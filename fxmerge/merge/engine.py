@@ -23,7 +23,6 @@ class MatchOptions:
     r: float | None = None  # zip reduction; default keeps the width (1 - 1/N)
     zip_alpha: float = 0.5
     zip_beta: float = 1.0
-    weight_sim: str = "corr"  # "corr" (MuDSC) | "dot" (Git Re-Basin)
 
 
 @dataclass

@@ -185,7 +185,7 @@ class Rebasin:
     one_to_one: ClassVar[bool] = True
 
     def solve(self, problem: Problem) -> Solution:
-        opts = MatchOptions("align", weight_sim="dot")
+        opts = MatchOptions("align")
         sol = problem.descend(opts, kind="dot", max_sweeps=self.max_sweeps)
         ws = problem.weights("dot", cross_only=True)  # report inner products as cosines (same matching)
         sol.sims = {k: ws.cosine(k, s) for k, s in sol.sims.items()}
