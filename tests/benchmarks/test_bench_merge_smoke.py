@@ -8,23 +8,12 @@ and only its row is checked (it need not recover A).
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_benchmark
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_merge", ROOT / "benchmarks" / "bench_merge.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_merge", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark('bench_merge')
 HAS_PEER = importlib.util.find_spec("rebasin") is not None
 
 

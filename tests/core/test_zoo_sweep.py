@@ -8,24 +8,13 @@ random weights, and act_align self-merge recovery; ONNX export and rebasin are l
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_benchmark
 
-
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("zoo_sweep", ROOT / "benchmarks" / "zoo_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("zoo_sweep", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_benchmark('zoo_sweep')
 
 # small models of the representative slice: SE + hardswish, post-LN encoder, GQA decoder (sdpa and eager),
 # residual CNN, timm ViT (fused qkv)
