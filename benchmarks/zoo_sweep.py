@@ -20,8 +20,10 @@ Each model runs in its own process with a time limit, through these stages (floa
    the default ``dynamo`` exporter fails, ``exporter="trace"`` (whose file fxmerge also checks on inputs that
    take other branches) is tried and the row says ``ok (trace)`` with the dynamo exporter's error.
 
-Results are cached in ``benchmarks/.zoo_sweep_cache.json`` (one record per model, written as each model
-finishes), and ``docs/compatibility.md`` is regenerated from the cache after every run::
+Results are kept in ``docs/results/compatibility.json``, a tracked file (one record per model, written
+atomically as each model finishes; a partial run replaces the records of the models it ran and keeps every
+other one; ``--cache PATH`` points elsewhere), and ``docs/compatibility.md`` is regenerated from it after every
+run, so the page never holds more than the committed results behind it::
 
     python benchmarks/zoo_sweep.py --family all --timeout 180           # the whole sweep (hours on 1 core)
     python benchmarks/zoo_sweep.py --slice representative               # ~15 models, one per family/pattern
@@ -30,6 +32,11 @@ finishes), and ``docs/compatibility.md`` is regenerated from the cache after eve
     python benchmarks/zoo_sweep.py --only llama --family hf             # a substring of the model key
     python benchmarks/zoo_sweep.py --report-only                        # regenerate the doc from the cache
     python benchmarks/zoo_sweep.py --list                               # print the model keys and exit
+
+The file holds the list of commands run (``commands``, rendered at the top of the page), the library versions
+of the latest run, the timm catalog and the records; a record's ``trace`` / ``merge_trace`` keeps only its
+last ``TRACE_CHARS`` characters. Records marked ``"reconstructed"`` were rebuilt from the page itself after an
+earlier, untracked cache was lost: they hold only what the page showed (see ``--report-only``'s header).
 
 ``run_model(key)`` runs the stages in-process and returns the record (used by tests/core/test_zoo_sweep.py).
 """
@@ -47,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -56,7 +64,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "benchmarks" / ".zoo_sweep_cache.json"
+CACHE = ROOT / "docs" / "results" / "compatibility.json"  # tracked: the data behind docs/compatibility.md
+TRACE_CHARS = 800  # the tail of a traceback kept in the tracked cache
 OUT = ROOT / "docs" / "compatibility.md"
 MERGE_MAX_PARAMS = 15_000_000  # self-merge recovery only up to this size
 ONNX_MAX_PARAMS = 30_000_000  # ONNX export only below this size
@@ -904,10 +913,47 @@ def load_cache(path: Path) -> dict[str, Any]:
     return {"results": {}, "timm_catalog": None}
 
 
+def _slim(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` with its tracebacks cut to their last ``TRACE_CHARS`` characters (the cache is tracked)."""
+    return {
+        k: (v[-TRACE_CHARS:] if k in ("trace", "merge_trace") and isinstance(v, str) else v)
+        for k, v in rec.items()
+    }
+
+
+def dumps_cache(cache: dict[str, Any]) -> str:
+    """JSON with sorted keys, one line per model record and per timm catalog entry (a re-run model is a
+    one-line diff)."""
+
+    def one(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    parts = []
+    for key in sorted(cache):
+        value = cache[key]
+        if key in ("results", "timm_catalog") and isinstance(value, dict) and value:
+            recs = value if key == "timm_catalog" else {k: _slim(r) for k, r in value.items()}
+            body = ",\n".join(f"  {one(k)}: {one(recs[k])}" for k in sorted(recs))
+            parts.append(f" {one(key)}: {{\n{body}\n }}")
+        elif isinstance(value, list) and value:
+            body = ",\n".join(f"  {one(v)}" for v in value)
+            parts.append(f" {one(key)}: [\n{body}\n ]")
+        else:
+            parts.append(f" {one(key)}: {one(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+_SAVE_LOCK = threading.Lock()
+
+
 def save_cache(path: Path, cache: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
+    """Write ``cache`` atomically (a temporary file next to ``path``, then renamed over it; ``--jobs`` threads
+    take turns)."""
+    with _SAVE_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(dumps_cache(cache))
+        tmp.replace(path)
 
 
 def all_entries(catalog: dict[str, Any]) -> list[Entry]:
@@ -1132,8 +1178,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = load_cache(args.cache)
     command = "python benchmarks/zoo_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.report_only:
-        write_report(cache, args.out, _commands(cache) or [command])
-        print(f"wrote {args.out}")
+        if not cache["results"]:
+            print(f"no results in {args.cache}: nothing to report", file=sys.stderr)
+            return 1
+        write_report(cache, args.out, _commands(cache) or [command], args.cache)
+        print(f"wrote {args.out} from {args.cache}")
         return 0
     if not cache.get("timm_catalog") and args.family in ("timm", "all"):
         print("choosing the smallest model of every timm module (meta device) ...", flush=True)
@@ -1154,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = run_one(entry.key, args.timeout, catalog_path, args.stages, args.methods)
         rec["kind"], rec["pattern"] = kinds[entry.key].kind, kinds[entry.key].pattern
         cache["results"][entry.key] = rec
+        cache["libraries"] = _libraries()
         save_cache(args.cache, cache)
         errs = "; ".join(f"{k}: {v}" for k, v in rec.get("errors", {}).items())[:200]
         print(f"[{rec.get('wall', 0):6.1f}s] {entry.key:45s} {status(rec)}  {errs}", flush=True)
@@ -1168,8 +1218,8 @@ def main(argv: list[str] | None = None) -> int:
         elif command not in _commands(cache):
             cache["commands"] = [*_commands(cache), command]
         save_cache(args.cache, cache)
-        write_report(cache, args.out, _commands(cache))
-        print(f"wrote {args.out}")
+        write_report(cache, args.out, _commands(cache), args.cache)
+        print(f"wrote {args.out} from {args.cache}")
     return 0
 
 
@@ -1252,11 +1302,38 @@ def _commands(cache: dict[str, Any]) -> list[str]:
     return list(cache.get("commands") or ([cache["command"]] if cache.get("command") else []))
 
 
-def write_report(cache: dict[str, Any], out: Path, commands: list[str]) -> None:
+def _libraries() -> dict[str, str]:
+    return {pkg: _version(pkg) for pkg in ("torch", "torchvision", "timm", "transformers")}
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _reconstructed_note(recs: list[dict[str, Any]]) -> list[str]:
+    rebuilt = [r for r in recs if r.get("reconstructed")]
+    if not rebuilt:
+        return []
+    sources = sorted({str(r["reconstructed"]) for r in rebuilt if isinstance(r["reconstructed"], str)})
+    return [
+        f"{len(rebuilt)} of the {len(recs)} records were reconstructed from this page "
+        + (f"({'; '.join(sources)}) " if sources else "")
+        + "after the untracked cache they came from was lost; they hold only what the page showed (no timings, "
+        "no strict-mode error messages, parameter counts to 0.01M, the frozen-axis count as one total). A "
+        "re-run of a model replaces its record.",
+        "",
+    ]
+
+
+def write_report(cache: dict[str, Any], out: Path, commands: list[str], cache_path: Path = CACHE) -> None:
     results = cache["results"]
     catalog = cache.get("timm_catalog") or {}
     entries = [e for e in all_entries(catalog) if e.key in results]
     recs = [results[e.key] | {"kind": e.kind, "pattern": e.pattern} for e in entries]
+    libs = {**_libraries(), **(cache.get("libraries") or {})}
     lines = [
         "# Compatibility",
         "",
@@ -1267,11 +1344,13 @@ def write_report(cache: dict[str, Any], out: Path, commands: list[str]) -> None:
         "",
         "```bash\n" + "\n".join(commands) + "\n```",
         "",
-        f"Regenerate this page from the cache (`benchmarks/.zoo_sweep_cache.json`) with "
+        f"Regenerate this page from the cache (`{_display_path(cache_path)}`, tracked: one record per model, "
+        f"a partial run replaces only the records of the models it ran) with "
         f"`python benchmarks/zoo_sweep.py --report-only`; re-run only the models that are not green with "
-        f"`python benchmarks/zoo_sweep.py --rerun-failed`. Library: torch {_version('torch')}, torchvision "
-        f"{_version('torchvision')}, timm {_version('timm')}, transformers {_version('transformers')}.",
+        f"`python benchmarks/zoo_sweep.py --rerun-failed`. Library: torch {libs['torch']}, torchvision "
+        f"{libs['torchvision']}, timm {libs['timm']}, transformers {libs['transformers']}.",
         "",
+        *_reconstructed_note(recs),
         "Every model is random-initialised from its config (nothing downloaded) with non-degenerate weights "
         "(norm gammas and running variances in U[0.5, 1.5], betas and running means in U[-0.5, 0.5], every "
         "zero-init or constant tensor re-drawn) and run in float64 through: `infer_groups` (strict and "
@@ -1290,7 +1369,7 @@ def write_report(cache: dict[str, Any], out: Path, commands: list[str]) -> None:
         "strict-mode failures (an op without a rule) and rebasin recovery are reported, not targets.",
         "",
     ]
-    lines += _summary(recs)
+    lines += _summary(recs, cache.get("lost_totals") or {})
     lines += ["", "## Models", ""]
     for family in FAMILIES:
         rows = [r for r in recs if r["family"] == family]
@@ -1332,7 +1411,19 @@ def _version(pkg: str) -> str:
         return "?"
 
 
-def _summary(recs: list[dict[str, Any]]) -> list[str]:
+def _frozen_axes(specs: list[dict[str, Any]], lost: dict[str, Any]) -> tuple[int, int]:
+    """``(frozen axes, models whose count is unknown)``. Reconstructed records have no per-model count; the
+    total over them (``lost_totals["n_frozen"]``: ``{"total", "keys"}``) is added while every one of those
+    models still holds its reconstructed record (once one is re-run, the old total cannot be split)."""
+    frozen = sum(r.get("n_frozen", 0) for r in specs)
+    unknown = {r["key"] for r in specs if "n_frozen" not in r}
+    old = lost.get("n_frozen") or {}
+    if unknown and old and set(old.get("keys", [])) == unknown:
+        return frozen + int(old["total"]), 0
+    return frozen, len(unknown)
+
+
+def _summary(recs: list[dict[str, Any]], lost: dict[str, Any] | None = None) -> list[str]:
     lines = [
         "## Summary",
         "",
@@ -1395,10 +1486,11 @@ def _summary(recs: list[dict[str, Any]]) -> list[str]:
                 f"| {_met(med >= 0.95)} |"
             )
     noreason = sum(r.get("frozen_no_reason", 0) for r in specs)
-    frozen = sum(r.get("n_frozen", 0) for r in specs)
+    frozen, uncounted = _frozen_axes(specs, lost or {})
     lines.append(
-        f"| every frozen axis has a reason | {noreason} of {frozen} frozen axes without one | "
-        f"{_met(noreason == 0)} |"
+        f"| every frozen axis has a reason | {noreason} of {frozen} frozen axes without one"
+        + (f" ({uncounted} reconstructed models without a frozen-axis count)" if uncounted else "")
+        + f" | {_met(noreason == 0)} |"
     )
     eligible = [r for r in specs if r.get("params", 0) <= MERGE_MAX_PARAMS and r.get("nonstrict_ok")]
     aa = [r for r in eligible if isinstance(r.get("act_align"), float) and r["act_align"] <= recovery_tol(r)]

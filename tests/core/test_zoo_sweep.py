@@ -14,7 +14,7 @@ import pytest
 
 from tests.scripts import load_benchmark
 
-sweep = load_benchmark('zoo_sweep')
+sweep = load_benchmark("zoo_sweep")
 
 # small models of the representative slice: SE + hardswish, post-LN encoder, GQA decoder (sdpa and eager),
 # residual CNN, timm ViT (fused qkv)
@@ -151,3 +151,77 @@ def test_onnx_tolerance_scales_with_the_outputs() -> None:
     x = torch.tensor([[3.0, -2.0]])
     assert sweep.onnx_atol(model, (x,)) == pytest.approx(1e-4 * 3000.0)
     assert sweep.onnx_atol(model, (x / 1e4,)) == 1e-4  # never below export_onnx's default
+
+
+def _row(key: str, **fields: object) -> dict:
+    return {"key": key, "family": key.split("/")[0], "errors": {}, "stage": "done", "strict_ok": True,
+            "nonstrict_ok": True, "nonstrict_groups": 7, "sound": True, "frozen_no_reason": 0, "n_frozen": 2,
+            "permutable": 1.0, "act_align": 0.0, "onnx": "ok", "params": 1_000_000, "input": "2x3x64x64",
+            "frontend": "fx"} | fields  # fmt: skip
+
+
+def test_report_only_renders_the_rows_of_a_cache_file(tmp_path: Path) -> None:
+    cache_path, out = tmp_path / "results" / "compat.json", tmp_path / "compat.md"
+    rebuilt = {"reconstructed": "docs/compatibility.md at abc"}
+    resnet = _row("torchvision/resnet18", n_frozen=None, **rebuilt)
+    del resnet["n_frozen"]  # reconstructed rows have no per-model count, only the lost total
+    cache = {
+        "commands": ["python benchmarks/zoo_sweep.py --family torchvision"],
+        "libraries": {"torch": "9.9", "torchvision": "8.8", "timm": "7.7", "transformers": "6.6"},
+        "lost_totals": {"n_frozen": {"total": 40, "keys": ["torchvision/resnet18"]}},
+        "results": {
+            "torchvision/resnet18": resnet,
+            "torchvision/alexnet": _row("torchvision/alexnet", act_align=3e-3, trace="x" * 5000),
+        },
+        "timm_catalog": {},
+    }
+    sweep.save_cache(cache_path, cache)
+    text = cache_path.read_text()
+    loaded = sweep.load_cache(cache_path)
+    assert len(loaded["results"]["torchvision/alexnet"]["trace"]) == sweep.TRACE_CHARS  # the tail only
+    assert sum('"key": "torchvision/' in line for line in text.splitlines()) == 2  # one line per model
+    assert not list(cache_path.parent.glob("*.tmp"))  # written atomically: no temporary left behind
+
+    assert sweep.main(["--report-only", "--cache", str(cache_path), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert (
+        "| resnet18 | 1.00M | 2x3x64x64 | fx | yes | yes (7) | yes | 100.0 | 0.0e+00 | - | ok | green |  |"
+        in md
+    )
+    assert "| alexnet | 1.00M |" in md and "| red: act_align | act_align recovers with error 3.0e-03 |" in md
+    assert "| torchvision | 2 | 1 | 1 |" in md
+    assert "| 0 of 42 frozen axes without one |" in md  # 40 (lost total) + 2
+    assert "python benchmarks/zoo_sweep.py --family torchvision" in md
+    assert f"(`{cache_path}`" in md and "torch 9.9, torchvision 8.8" in md
+    assert "1 of the 2 records were reconstructed from this page (docs/compatibility.md at abc)" in md
+    assert sweep.main(["--report-only", "--cache", str(tmp_path / "none.json"), "--out", str(out)]) == 1
+    assert out.read_text() == md  # an empty cache does not overwrite the page
+
+
+def test_a_partial_run_merges_into_the_cache_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_path, out = tmp_path / "compat.json", tmp_path / "compat.md"
+    old = {"torchvision/alexnet": _row("torchvision/alexnet"),
+           "torchvision/resnet18": _row("torchvision/resnet18", act_align=0.5, reconstructed="md")}  # fmt: skip
+    sweep.save_cache(cache_path, {"commands": ["python benchmarks/zoo_sweep.py --family torchvision"],
+                                  "results": old, "timm_catalog": {}})  # fmt: skip
+    ran = []
+
+    def fake_run_one(key: str, *args: object) -> dict:  # no model runs: the record a worker would return
+        ran.append(key)
+        return _row(key, act_align=1e-9, wall=1.0, trace="y" * 3000)
+
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    argv = ["--family", "torchvision", "--only", "resnet18", "--cache", str(cache_path), "--out", str(out)]
+    assert sweep.main(argv) == 0
+    assert ran == ["torchvision/resnet18"]
+    cache = sweep.load_cache(cache_path)
+    assert set(cache["results"]) == {"torchvision/alexnet", "torchvision/resnet18"}  # merged, not replaced
+    assert cache["results"]["torchvision/alexnet"] == old["torchvision/alexnet"]
+    new = cache["results"]["torchvision/resnet18"]
+    assert new["act_align"] == 1e-9 and "reconstructed" not in new and len(new["trace"]) == sweep.TRACE_CHARS
+    assert cache["commands"] == ["python benchmarks/zoo_sweep.py --family torchvision",
+                                 "python benchmarks/zoo_sweep.py " + " ".join(argv)]  # fmt: skip
+    assert set(cache["libraries"]) == {"torch", "torchvision", "timm", "transformers"}
+    md = out.read_text()
+    assert "| alexnet |" in md and "| resnet18 |" in md and "| torchvision | 2 | 2 | 0 |" in md
+    assert "reconstructed" not in md
