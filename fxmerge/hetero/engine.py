@@ -32,14 +32,14 @@ from fxmerge.hetero.graph import run_graph
 from fxmerge.hetero.width import layout_signature
 from fxmerge.ir.layout import G, Layout, LFixed
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.merge.features import probe_points
+from fxmerge.merge.features import grouped_axes, probe_points
 from fxmerge.merge.options import MergeOptions
 from fxmerge.merge.problem import Elastic, Problem, present_identity
 from fxmerge.merge.report import space_name
 from fxmerge.merge.spaces import Space, find_spaces
 from fxmerge.merge.transform import Transforms, apply_layout, transform_param
-from fxmerge.stats import CorrelationAccumulator
-from fxmerge.stats.batches import feature_rows, iter_inputs
+from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.probes import Probe, SpaceStatistics
 
 __all__ = ["merge_states"]
 
@@ -97,17 +97,19 @@ def _space_target(key: Layout, spaces: list[Space], present: list[int], targets:
 def correlations(
     specs: list[PermutationSpec], spaces: list[_Space], data: Any, opts: MergeOptions
 ) -> dict[int, torch.Tensor]:
-    """Pearson correlation over the stacked units of the present models, per space index with probes."""
+    """Pooled within-point Pearson correlation over the stacked units of the present models, per space index
+    with probes (the same statistics as the same-architecture merge: :class:`~fxmerge.stats.probes.SpaceStatistics`)."""
     probes = probe_points(specs[0], {s.keys[0]: s.spaces[0] for s in spaces})
     wanted = {
-        i: probes[s.keys[0]] for i, s in enumerate(spaces) if s.keys[0] in probes and len(s.present) > 1
+        i: [Probe(node, axes) for node, axes in probes[s.keys[0]]]
+        for i, s in enumerate(spaces)
+        if s.keys[0] in probes and len(s.present) > 1
     }
-    keep = {node for pts in wanted.values() for node, _ in pts}
-    accs = {i: CorrelationAccumulator([spaces[i].sizes[m] for m in spaces[i].present]) for i in wanted}
-    if not accs:
+    if not wanted:
         return {}
+    stats = SpaceStatistics(wanted, {i: spaces[i].present for i in wanted}, {i: spaces[i].sizes for i in wanted},
+                            grouped_axes(specs[0]), torch.Generator().manual_seed(opts.seed))  # fmt: skip
     graphs = [s.graph for s in specs]
-    gen = torch.Generator().manual_seed(opts.seed)
     with contextlib.ExitStack() as stack:
         for g in graphs:
             stack.enter_context(eval_mode(g.gm))
@@ -117,13 +119,8 @@ def correlations(
         for b, (args, kwargs) in enumerate(batches):
             if opts.max_batches is not None and b >= opts.max_batches:
                 break
-            values = [run_graph(g, args, kwargs, keep) for g in graphs]
-            for i, pts in wanted.items():
-                seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-                for node, axes in pts:
-                    accs[i].update([feature_rows(values[m][node], axes, torch.Generator().manual_seed(seed))
-                                    for m in spaces[i].present])  # fmt: skip
-    return {i: acc.correlation() for i, acc in accs.items()}
+            stats.add([run_graph(g, args, kwargs, stats.nodes) for g in graphs])
+    return stats.correlations()  # type: ignore[return-value]
 
 
 def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str, torch.Tensor]], data: Any,
@@ -166,6 +163,7 @@ def merge_states(
     method: Any,
     opts: MergeOptions,
     base: int = 0,
+    head_shares: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Merged state dict (at the target widths) of models sharing one graph.
 
@@ -178,6 +176,8 @@ def merge_states(
         method: the method object (:mod:`fxmerge.merge.methods`).
         opts: the merge options (seed, progress, max_batches).
         base: model whose non-float tensors (counters) are kept.
+        head_shares: when given, filled with each model's share of every head weight reading merged units
+            (name -> per model (1/N) W_m U_m, float64), for :func:`~fxmerge.hetero.width.balance_heads`.
 
     Returns:
         (state dict, report) — the report lists the spaces, absent spaces and matching values.
@@ -194,7 +194,7 @@ def merge_states(
     log = {"sweeps": sol.log.sweeps, "sweep_values": sol.log.values}
     if not widths_equal:
         log["identity_spaces"] = unmatched
-    merged = _combine(specs, states, trs, base)
+    merged = _combine(specs, states, trs, base, head_shares)
     report = {
         "spaces": len(spaces),
         "absent_spaces": sum(1 for s in spaces if len(s.present) < n),
@@ -228,7 +228,7 @@ def head_param(
 
 
 def _combine(specs: list[PermutationSpec], states: list[dict[str, torch.Tensor]], trs: list[Transforms],
-             base: int) -> dict[str, torch.Tensor]:  # fmt: skip
+             base: int, head_shares: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     n = len(states)
     out: dict[str, torch.Tensor] = {}
     for name, ref in states[base].items():
@@ -236,8 +236,11 @@ def _combine(specs: list[PermutationSpec], states: list[dict[str, torch.Tensor]]
             out[name] = ref.clone()
         elif name in specs[0].axes:
             fn = transform_param if has_grouped_output(specs[0], name) else head_param
-            acc = sum(fn(specs[m], name, states[m][name].double(), m, n, trs[m]) for m in range(n))
-            out[name] = acc.to(ref.dtype)
+            parts = [fn(specs[m], name, states[m][name].double(), m, n, trs[m]) for m in range(n)]
+            out[name] = sum(parts).to(ref.dtype)
+            reads_units = any(not isinstance(lay, LFixed) for lay in specs[0].axes[name])
+            if head_shares is not None and fn is head_param and reads_units:
+                head_shares[name] = parts
         elif all(s[name].shape == ref.shape for s in states):
             out[name] = (sum(s[name].double() for s in states) / n).to(ref.dtype)
         else:

@@ -20,7 +20,9 @@ __all__ = ["contains_tensor", "node_params", "node_reads", "run_graph"]
 
 
 class _Recorder(fx.Interpreter):
-    """Interpreter that keeps the outputs of the nodes in ``keep`` (every node when ``keep`` is None)."""
+    """Interpreter that keeps the outputs of the nodes in ``keep`` (every node when ``keep`` is None). Chosen
+    tensors are copied: a later in-place op (``ReLU(inplace=True)`` after a conv) would otherwise turn the recorded
+    value into that op's output."""
 
     def __init__(self, gm: fx.GraphModule, keep: set[str] | None) -> None:
         super().__init__(gm)
@@ -29,8 +31,10 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        if self.keep is None or n.name in self.keep:
+        if self.keep is None:
             self.values[n.name] = out
+        elif n.name in self.keep:
+            self.values[n.name] = out.detach().clone() if isinstance(out, torch.Tensor) else out
         return out
 
 

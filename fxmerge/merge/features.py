@@ -1,8 +1,8 @@
 """Activation statistics at every space's probe points, read from the captured graph (no hand-placed hooks).
 
 For each model the captured graph is executed with an fx Interpreter that keeps the values of the probe
-nodes only; features are streamed into one :class:`~fxmerge.stats.CorrelationAccumulator` per space, so
-memory is bounded by the space sizes, not by the data.
+nodes only; their features are streamed into :class:`~fxmerge.stats.probes.SpaceStatistics` (one accumulator
+per space, probe points centred each on its own mean), so memory is bounded by the space sizes, not by the data.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from fxmerge.errors import CaptureError, MergeError
 from fxmerge.ir.layout import Layout, groups_in
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.spaces import Space, occurrences
-from fxmerge.stats import CorrelationAccumulator
-from fxmerge.stats.batches import feature_rows, iter_inputs
+from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.probes import Probe, SpaceStatistics
 
 MAX_PROBES = 4
 
@@ -90,31 +90,31 @@ def activation_correlations(
     seed: int = 0,
     max_batches: int | None = None,
 ) -> dict[Layout, torch.Tensor]:
-    """Pearson correlation over the stacked units of all models, per space with probe points."""
-    probes = probe_slices(spec, spaces)
-    keep = {node for pts in probes.values() for node, *_ in pts}
-    grouped = grouped_axes(spec)
+    """Pooled within-point Pearson correlation over the stacked units of all models, per space with probe
+    points (:class:`~fxmerge.stats.probes.SpaceStatistics`)."""
+    probes = {k: [Probe(*p) for p in pts] for k, pts in probe_slices(spec, spaces).items()}
+    stats = SpaceStatistics(
+        probes,
+        {k: range(len(models)) for k in probes},
+        {k: [spaces[k].size] * len(models) for k in probes},
+        grouped_axes(spec),
+        torch.Generator().manual_seed(seed),
+    )
+    keep = stats.nodes
     frontend = spec.graph.frontend if spec.graph is not None else "auto"
     graphs = _GraphCache(models, example_inputs, frontend, keep, spec.graph)
-    accs = {k: CorrelationAccumulator([spaces[k].size] * len(models)) for k in probes}
-    gen = torch.Generator().manual_seed(seed)
     batches = iter_inputs(data)
     it = tqdm(batches, desc="activation statistics", disable=not progress, leave=False)
     with torch.no_grad(), _all_eval(models):
         for i, (args, kwargs) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            _accumulate(graphs.get(args, kwargs), keep, probes, accs, args, kwargs, gen, grouped)
-    if accs and all(acc.count == 0 for acc in accs.values()):
+            stats.add(_record(graphs.get(args, kwargs), keep, args, kwargs))
+    if probes and stats.empty:
         raise MergeError(
             "data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)"
         )
-    result = {}
-    for k, acc in accs.items():
-        acc.all_reduce()
-        if acc.count > 1:
-            result[k] = acc.correlation()
-    return result
+    return stats.correlations()  # type: ignore[return-value]
 
 
 class _GraphCache:
@@ -259,23 +259,9 @@ def grouped_axes(spec: PermutationSpec) -> dict[str, set[int]]:
     return out
 
 
-def invariant_over(t: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-    """``t`` with its entries sorted over the joint ``axes`` (same shape): invariant to any permutation of them.
-
-    A probe's samples are the entries along its non-unit axes; where one of those axes carries a group (the
-    channels seen by a token-mixing MLP, the heads beside a head-dim probe), each model has it in its own order,
-    so the entries are sorted there first: the twin of a unit then has the same samples in every model.
-    """
-    if not axes:
-        return t
-    order = [d for d in range(t.ndim) if d not in axes] + list(axes)
-    y = t.permute(order)
-    flat = y.reshape(*y.shape[: t.ndim - len(axes)], -1).sort(dim=-1).values
-    return flat.reshape(y.shape).permute(sorted(range(t.ndim), key=order.__getitem__))
-
-
-def _accumulate(graphs, keep, probes, accs, args, kwargs, gen, grouped) -> None:
-    recs = []
+def _record(graphs: list[CapturedGraph], keep: set[str], args: tuple, kwargs: dict) -> list[dict[str, torch.Tensor]]:
+    """Every model's values of the ``keep`` nodes on one batch."""
+    out = []
     for cg in graphs:
         rec = _Recorder(cg.gm, keep)
         try:
@@ -284,32 +270,5 @@ def _accumulate(graphs, keep, probes, accs, args, kwargs, gen, grouped) -> None:
             raise MergeError(
                 f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}"
             ) from e
-        recs.append(rec.values)
-    for k, pts in probes.items():
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        size = accs[k].dims[0]
-        for node, axis, offset, unit in pts:
-            feats = []
-            for values in recs:
-                g = torch.Generator().manual_seed(seed)
-                value = invariant_over(values[node], tuple(sorted(grouped.get(node, set()) - set(axis))))
-                f = feature_rows(value, axis, g)[:, offset : offset + size * unit]
-                feats.append(f.reshape(-1, size, unit).transpose(1, 2).reshape(-1, size))
-            keep_rows = _regular_rows(feats, recs[0][node].dtype)
-            if keep_rows is not None:
-                feats = [f[keep_rows] for f in feats]
-            if feats[0].shape[0]:
-                accs[k].update(feats)
-
-
-def _regular_rows(feats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
-    """Rows (samples) without masking sentinels: values near the dtype's largest magnitude (an attention
-    mask's ``finfo.min`` added to scores) carry no information and overflow second moments. None: all rows."""
-    if not dtype.is_floating_point:
-        return None
-    limit = torch.finfo(dtype).max / 16
-    bad = None
-    for f in feats:
-        rows = (f.abs() >= limit).any(dim=1)
-        bad = rows if bad is None else bad | rows
-    return None if bad is None or not bool(bad.any()) else ~bad
+        out.append(rec.values)
+    return out

@@ -308,7 +308,7 @@ def test_averaging_does_not_recover() -> None:
 def test_sample_axes_that_carry_a_group_are_made_permutation_invariant() -> None:
     """Statistics sort a probe's grouped non-unit axes jointly: any permutation of them gives the same features
     (the token-mixing units of an MLP-Mixer see the channels in each model's own order)."""
-    from fxmerge.merge.features import invariant_over
+    from fxmerge.stats.probes import invariant_over
 
     t = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(0))
     joint = torch.randperm(6 * 4, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,236 @@
+"""Activation statistics of permutation spaces at their probe points, streamed batch by batch.
+
+A space is observed at a few probe points (a conv output, its normalisation, its activation). A point's
+features are the space's units in one recorded node value (the unit axes, or a slice of a fused axis), every
+other axis a sample (batch, tokens, pixels). The points of a space are stacked as samples of one
+:class:`~fxmerge.stats.CorrelationAccumulator` over the concatenated units of the models, so memory is bounded
+by the space sizes, not by the data; both the same-architecture merge and the depth/width merges read their
+statistics from here.
+
+The correlation is the **pooled within-point** correlation: every point is centred on its own mean. Stacked
+without that, the per-point offsets (a BatchNorm's bias shifts every unit by its own constant) pass for shared
+variation, and where a unit varies little inside each point the offsets dominate and it correlates ~1 with
+many units, its true partner tying with them. Units constant at every point (a grouped-convolution group
+whose inputs are all dead after a ReLU) carry their information in their constants and are compared by value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fxmerge.stats.batches import feature_rows
+from fxmerge.stats.correlation import CorrelationAccumulator
+
+__all__ = ["Probe", "SpaceStatistics", "invariant_over"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A space seen in node ``node``'s value: ``axes`` (jointly) are its units; position ``p`` of the space is
+    the columns ``offset + p*unit .. + unit`` of those units (a part of a fused axis, heads beside a fixed
+    head dim), the ``unit`` columns of a position being extra samples."""
+
+    node: str
+    axes: tuple[int, ...]
+    offset: int = 0
+    unit: int = 1
+
+
+class _Points:
+    """Per probe point of one space: its shift and, over its rows, count, sum of shifted values and raw range.
+
+    Each point's rows are shifted by that point's first-batch mean before they reach the space's accumulator,
+    so the between-point part removed at the end is small and the within-point covariance keeps its precision
+    where a unit varies little inside each point but much between points (a ReLU output that is 0 where its
+    input is far below 0). With ``torch.distributed`` every process has its own shifts; the correction below
+    is exact for any shifts."""
+
+    def __init__(self, n_points: int) -> None:
+        self.count = [0] * n_points
+        self.shift: list[Tensor | None] = [None] * n_points
+        self.sum: list[Tensor | None] = [None] * n_points
+        self.lo: list[Tensor | None] = [None] * n_points
+        self.hi: list[Tensor | None] = [None] * n_points
+        self._mean: list[Tensor | None] | None = None  # global per-point means
+        self._correction: Tensor | None = None  # sum over processes and points of the re-centring terms
+
+    def centre(self, j: int, feats: Sequence[Tensor]) -> list[Tensor]:
+        """``feats`` (one [rows, units] tensor per model) shifted by point ``j``'s shift, in float64; the point's
+        count, sum and range are updated."""
+        x = torch.cat([f.to(torch.float64) for f in feats], dim=1)
+        lo, hi = torch.aminmax(x, dim=0)
+        if self.shift[j] is None:
+            self.shift[j] = x.mean(dim=0)
+        x -= self.shift[j]
+        total = x.sum(dim=0)
+        self.count[j] += x.shape[0]
+        self.sum[j] = total if self.sum[j] is None else self.sum[j] + total
+        self.lo[j] = lo if self.lo[j] is None else torch.minimum(self.lo[j], lo)
+        self.hi[j] = hi if self.hi[j] is None else torch.maximum(self.hi[j], hi)
+        return list(x.split([f.shape[1] for f in feats], dim=1))
+
+    def reduce(self, size: int, device: torch.device | None) -> None:
+        """Global per-point counts, means and ranges, and the re-centring term
+        ``sum_j S_j d_j^T + d_j S_j^T + n_j d_j d_j^T`` (``S_j``: sum of shifted rows, ``d_j = shift_j - mean_j``),
+        summed over the processes of the default group when ``torch.distributed`` is initialised."""
+        import torch.distributed as dist
+
+        kw = {"dtype": torch.float64, "device": device}
+        n_local = list(self.count)
+        s_local = [self.sum[j] if self.sum[j] is not None else torch.zeros(size, **kw) for j in range(len(n_local))]
+        shifts = [self.shift[j] if self.shift[j] is not None else torch.zeros(size, **kw) for j in range(len(n_local))]
+        raw = [s + n * sh for s, n, sh in zip(s_local, n_local, shifts, strict=True)]
+        distributed = dist.is_available() and dist.is_initialized()
+        for j in range(len(n_local)):
+            lo = self.lo[j] if self.lo[j] is not None else torch.full((size,), torch.inf, **kw)
+            hi = self.hi[j] if self.hi[j] is not None else torch.full((size,), -torch.inf, **kw)
+            if distributed:
+                count = torch.tensor([float(self.count[j])], **kw)
+                for t, op in ((count, dist.ReduceOp.SUM), (raw[j], dist.ReduceOp.SUM),
+                              (lo, dist.ReduceOp.MIN), (hi, dist.ReduceOp.MAX)):  # fmt: skip
+                    dist.all_reduce(t, op=op)
+                self.count[j] = int(count.item())
+            self.lo[j], self.hi[j] = (lo, hi) if self.count[j] else (None, None)
+        self._mean = [raw[j] / self.count[j] if self.count[j] else None for j in range(len(n_local))]
+        corr = torch.zeros(size, size, **kw)
+        for j, n in enumerate(n_local):
+            if n:
+                d = shifts[j] - self._mean[j]  # type: ignore[operator]
+                corr.addr_(s_local[j], d).addr_(d, s_local[j]).addr_(d, d, alpha=float(n))
+        if distributed:
+            dist.all_reduce(corr)
+        self._correction = corr
+
+    def correlation(self, acc: CorrelationAccumulator) -> Tensor:
+        """Pearson correlation [D, D] of the features centred per point (``acc`` holds the shifted rows; call
+        :meth:`reduce` first).
+
+        Within-point second moment ``W = (sum y y^T + correction) / N`` over the shifted rows ``y``. A unit
+        constant at every point gets 0 against every other unit and, between two constant units with per-point
+        values ``a``, ``b``, ``1 - sum|a - b| / sum(|a| + |b|)`` (1 for equal values)."""
+        assert self._mean is not None and self._correction is not None
+        seen = [j for j, n in enumerate(self.count) if n > 0]
+        stacked = acc.covariance()
+        mean_y = acc.mean().to("cpu", torch.float64)
+        cov = stacked.to("cpu", torch.float64).addr_(mean_y, mean_y)
+        cov.add_(self._correction.cpu(), alpha=1.0 / acc.count)
+        means = torch.stack([self._mean[j].cpu() for j in seen])  # type: ignore[union-attr]
+        lo = torch.stack([self.lo[j].cpu() for j in seen])  # type: ignore[union-attr]
+        hi = torch.stack([self.hi[j].cpu() for j in seen])  # type: ignore[union-attr]
+        scale = torch.maximum(lo.abs(), hi.abs())
+        eps = torch.finfo(acc.dtype).eps
+        var = cov.diagonal().clone()
+        constant = ((hi - lo) <= 16 * eps * scale).all(dim=0) | (var <= (eps * scale.amax(dim=0)) ** 2)
+        std = torch.where(constant, torch.ones_like(var), var.clamp_min(0.0).sqrt())
+        corr = cov / torch.outer(std, std)
+        corr[constant, :] = 0.0
+        corr[:, constant] = 0.0
+        corr.clamp_(-1.0, 1.0)
+        idx = constant.nonzero().flatten()
+        if len(idx):
+            a = means[:, constant].T.contiguous()  # [constant units, points]: their values
+            mass = a.abs().sum(-1)
+            both = mass[:, None] + mass[None, :]
+            diff = torch.cdist(a, a, p=1.0)
+            sim = torch.where(both > 0, 1.0 - diff / both.clamp_min(1e-300), torch.ones_like(both))
+            corr[idx[:, None], idx[None, :]] = sim
+        corr.fill_diagonal_(1.0)
+        return corr.to(device=stacked.device, dtype=stacked.dtype)
+
+
+class SpaceStatistics:
+    """Streaming activation correlation of every space over its probe points.
+
+    ``probes[k]``: the space's probe points; ``members[k]``: the models that hold the space (their units are
+    concatenated in this order); ``sizes[k][m]``: the space's size in model ``m``; ``grouped[node]``: the axes of
+    a node's value that carry a group (sorted per sample so that twins see the same samples, see
+    :func:`invariant_over`); ``generator``: draws the sample subsets (the same rows in every model).
+    """
+
+    def __init__(
+        self,
+        probes: Mapping[Hashable, Sequence[Probe]],
+        members: Mapping[Hashable, Sequence[int]],
+        sizes: Mapping[Hashable, Sequence[int]],
+        grouped: Mapping[str, set[int]],
+        generator: torch.Generator,
+    ) -> None:
+        self.probes = {k: list(p) for k, p in probes.items()}
+        self.members = {k: list(members[k]) for k in self.probes}
+        self.sizes = {k: [sizes[k][m] for m in self.members[k]] for k in self.probes}
+        self.grouped = grouped
+        self.generator = generator
+        self.accs = {k: CorrelationAccumulator(self.sizes[k]) for k in self.probes}
+        self.points = {k: _Points(len(p)) for k, p in self.probes.items()}
+
+    @property
+    def nodes(self) -> set[str]:
+        """The graph nodes whose values :meth:`add` reads."""
+        return {p.node for pts in self.probes.values() for p in pts}
+
+    @property
+    def empty(self) -> bool:
+        """Whether no sample has been accumulated in any space."""
+        return all(acc.count == 0 for acc in self.accs.values())
+
+    def add(self, values: Sequence[Mapping[str, Tensor]]) -> None:
+        """One batch: ``values[m][node]`` is model m's value of every node in :attr:`nodes`."""
+        for k, pts in self.probes.items():
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            for j, p in enumerate(pts):
+                feats = [self._features(values[m][p.node], p, size, seed)
+                         for m, size in zip(self.members[k], self.sizes[k], strict=True)]  # fmt: skip
+                rows = _regular_rows(feats, values[self.members[k][0]][p.node].dtype)
+                if rows is not None:
+                    feats = [f[rows] for f in feats]
+                if feats[0].shape[0]:
+                    self.accs[k].update(self.points[k].centre(j, feats))
+
+    def _features(self, value: Tensor, p: Probe, size: int, seed: int) -> Tensor:
+        value = invariant_over(value, tuple(sorted(self.grouped.get(p.node, set()) - set(p.axes))))
+        f = feature_rows(value, p.axes, torch.Generator().manual_seed(seed))
+        f = f[:, p.offset : p.offset + size * p.unit]
+        return f.reshape(-1, size, p.unit).transpose(1, 2).reshape(-1, size)
+
+    def correlations(self) -> dict[Hashable, Tensor]:
+        """Per space with at least two samples: the pooled within-point Pearson correlation [D, D] of the
+        concatenated units (all-reduced across processes when ``torch.distributed`` is initialised)."""
+        out = {}
+        for k, acc in self.accs.items():
+            acc.all_reduce()
+            self.points[k].reduce(acc.total, acc.device)
+            if acc.count > 1:
+                out[k] = self.points[k].correlation(acc)
+        return out
+
+
+def invariant_over(t: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """``t`` with its entries sorted over the joint ``axes`` (same shape): invariant to any permutation of them.
+
+    A probe's samples are the entries along its non-unit axes; where one of those axes carries a group (the
+    channels seen by a token-mixing MLP, the heads beside a head-dim probe), each model has it in its own order,
+    so the entries are sorted there first: the twin of a unit then has the same samples in every model.
+    """
+    if not axes:
+        return t
+    order = [d for d in range(t.ndim) if d not in axes] + list(axes)
+    y = t.permute(order)
+    flat = y.reshape(*y.shape[: t.ndim - len(axes)], -1).sort(dim=-1).values
+    return flat.reshape(y.shape).permute(sorted(range(t.ndim), key=order.__getitem__))
+
+
+def _regular_rows(feats: list[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """Rows (samples) without masking sentinels: values near the dtype's largest magnitude (an attention
+    mask's ``finfo.min`` added to scores) carry no information and overflow second moments. None: all rows."""
+    if not dtype.is_floating_point:
+        return None
+    limit = torch.finfo(dtype).max / 16
+    bad = None
+    for f in feats:
+        rows = (f.abs() >= limit).any(dim=1)
+        bad = rows if bad is None else bad | rows
+    return None if bad is None or not bool(bad.any()) else ~bad
