@@ -30,7 +30,14 @@ from fxmerge.hetero.depth import Segmentation
 from fxmerge.hetero.engine import merge_states
 from fxmerge.hetero.expand import Twin, expand
 from fxmerge.hetero.plot import plot_cka_alignment
-from fxmerge.hetero.width import WidthTarget, check_same_structure, group_sizes, resize_model, target_widths
+from fxmerge.hetero.width import (
+    WidthTarget,
+    balance_heads,
+    check_same_structure,
+    group_sizes,
+    resize_model,
+    target_widths,
+)
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.checks import check_models_and_method, check_tensors
@@ -238,8 +245,9 @@ def merge_hetero_with(
             raise err
     targets = target_widths(sizes, width if width is not None else "max", absent)
     t2 = time.perf_counter()
+    head_shares: dict[str, list[Any]] = {}
     state, engine_report = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
-                                        method=method, opts=opt, base=deep)  # fmt: skip
+                                        method=method, opts=opt, base=deep, head_shares=head_shares)  # fmt: skip
     resized = targets != group_sizes(specs[deep])
     skeleton = (resize_model(models[deep], specs[deep], targets, example_inputs=example_inputs) if resized
                 else copy.deepcopy(models[deep]))  # fmt: skip
@@ -248,6 +256,9 @@ def merge_hetero_with(
         from fxmerge.passes.bn import reset_bn_stats
 
         skeleton = reset_bn_stats(skeleton, data, progress=progress, num_batches=max_batches)
+    if engine_report["elastic"] and data is not None:  # models of different widths: no model may dominate
+        engine_report["head_balance"] = balance_heads(skeleton, engine_models, head_shares, data,
+                                                      max_batches=max_batches)  # fmt: skip
     spec = infer_groups(skeleton, example_inputs, frontend=frontend) if resized else specs[deep]
     report = {
         "method": method_name(method),

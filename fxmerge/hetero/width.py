@@ -10,6 +10,7 @@ updated (``in_features``, ``out_channels``, ``num_features``, ``normalized_shape
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,9 +23,11 @@ from fxmerge.capture.trace import eval_mode, split_inputs
 from fxmerge.errors import MergeError
 from fxmerge.ir.layout import Cat, G, Layout, LFixed
 from fxmerge.ir.spec import PermutationSpec
+from fxmerge.stats.batches import iter_inputs
 
 __all__ = [
     "WidthTarget",
+    "balance_heads",
     "check_same_structure",
     "group_sizes",
     "layout_signature",
@@ -261,3 +264,103 @@ def check_runs(model: nn.Module, example_inputs: Any, label: str) -> Any:
             f"{label} does not run on the example inputs: {type(e).__name__}: {str(e)[:300]}. Sizes hard-coded "
             "in forward() or tied sizes (heads, groups) cannot be changed by elastic width merging."
         ) from e
+
+
+def _head_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The module's weight-only map (no bias) with ``weight``; None for modules other than Linear / conv."""
+    if isinstance(module, nn.Linear):
+        return torch.nn.functional.linear(x, weight)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return module._conv_forward(x, weight, None)
+    return None
+
+
+def balance_heads(
+    merged: nn.Module,
+    parents: Sequence[nn.Module],
+    shares: Mapping[str, Sequence[torch.Tensor]],
+    data: Any,
+    *,
+    max_batches: int | None = None,
+) -> dict[str, list[float]]:
+    """Rescale every model's share of the merged heads so that each model's output survives equally, in place.
+
+    A head weight (no grouped output axis) of the merged model is Σ_m share_m, share_m = (1/N) W_m U_m (its
+    model's head reading the merged features). On ``data``, with z the merged head's input, model m's part of
+    the merged output is y_m = share_m z and its parent's output (bias left out) is f_m = W_m x_m. The parent
+    survives with s_m = <y_m, f_m> / <f_m, f_m> and strength g_m = s_m · rms(f_m). Models of different widths
+    differ in both: a wider model's units are zipped less (more of its output survives) and its outputs are
+    often larger, so the plain sum lets it dominate the merged output (measured on the digits split: 2x). The
+    weight becomes Σ_m (ḡ / g_m) share_m (ḡ: the mean strength), so every model contributes ḡ f_m / rms(f_m).
+    Exact copies (equal strengths) are left unchanged. Heads whose module is not a Linear / convolution, or
+    where some model's output does not survive (g_m <= 0), are skipped.
+
+    Args:
+        merged: the merged model (after any BatchNorm reset); its head weights are overwritten.
+        parents: the models merged, with the merged model's module names (deep model and padded twins).
+        shares: head weight name -> per model, its share at the merged widths.
+        data: batches (as for the merge).
+        max_batches: batches used (default: all).
+
+    Returns:
+        Head weight name -> the factor ḡ / g_m of every model.
+    """
+    owners = {}
+    for name, parts in shares.items():
+        mod_name, _, attr = name.rpartition(".")
+        module = merged.get_submodule(mod_name) if mod_name else merged
+        if attr == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and len(parts) == len(parents):
+            owners[mod_name] = name
+    if not owners:
+        return {}
+    n = len(parents)
+    dots = {o: torch.zeros(n, dtype=torch.float64) for o in owners}
+    norms = {o: torch.zeros(n, dtype=torch.float64) for o in owners}
+    rows = {o: 0 for o in owners}
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(key: tuple[int, str]) -> Any:
+        def fn(module: nn.Module, args: tuple, out: Any) -> None:
+            seen[key] = args[0]
+        return fn
+
+    handles = []
+    for m, model in enumerate([merged, *parents]):
+        for o in owners:
+            handles.append(model.get_submodule(o).register_forward_hook(hook((m, o))))
+    try:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for model in [merged, *parents]:
+                stack.enter_context(eval_mode(model))
+            for b, (args, kwargs) in enumerate(iter_inputs(data)):
+                if max_batches is not None and b >= max_batches:
+                    break
+                seen.clear()
+                for model in [merged, *parents]:
+                    model(*args, **kwargs)
+                for o, name in owners.items():
+                    z = seen[(0, o)].double()
+                    for m, parent in enumerate(parents):
+                        mod = parent.get_submodule(o)
+                        y = _head_linear(mod, z, shares[name][m].to(z))
+                        f = _head_linear(mod, seen[(m + 1, o)].double(), mod.weight.double())
+                        dots[o][m] += float((y * f).sum())
+                        norms[o][m] += float((f * f).sum())
+                    rows[o] += int(z.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, list[float]] = {}
+    for o, name in owners.items():
+        if rows[o] == 0:
+            continue
+        strength = dots[o] / norms[o].clamp_min(1e-300) * (norms[o] / rows[o]).sqrt()
+        if not bool(torch.isfinite(strength).all()) or bool((strength <= 0).any()):
+            continue
+        factors = strength.mean() / strength
+        weight = sum(float(a) * p.double() for a, p in zip(factors, shares[name], strict=True))
+        target = merged.get_submodule(o).weight
+        with torch.no_grad():
+            target.copy_(weight.to(target))
+        out[name] = [float(a) for a in factors]
+    return out
