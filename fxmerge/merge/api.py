@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from fxmerge.merge.features import activation_correlations
 from fxmerge.merge.methods import Method, method_class, method_name, method_names, method_settings, resolve
 from fxmerge.merge.options import HeteroOptions, MergeOptions
 from fxmerge.merge.partial import build_multihead
-from fxmerge.merge.problem import Problem
+from fxmerge.merge.problem import Problem, Solution
 from fxmerge.merge.report import SpaceDetail, space_detail
 from fxmerge.merge.result import Alignment, MergeResult, aligned_models
 from fxmerge.merge.spaces import find_spaces
@@ -72,6 +73,7 @@ def merge(
     meth, opts, het = resolve(method, settings, options, hetero)
     check_models_and_method(models, meth, data)
     check_tensors(models)
+    _check_selection(meth, opts, het)
     if het.active:
         from fxmerge.hetero.api import merge_hetero_with
 
@@ -102,7 +104,6 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
         _check_inputs_fit(models[0], example_inputs)
         spaces, stuck = {}, set()
     n = len(models)
-    gen = torch.Generator().manual_seed(opts.seed)
     t1 = time.perf_counter()
     act = {}
     if meth.needs_data:
@@ -110,20 +111,42 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
             act = activation_correlations(models, spec, spaces, data, example_inputs, progress=opts.progress,
                                           seed=opts.seed, max_batches=opts.max_batches)  # fmt: skip
     t2 = time.perf_counter()
-    problem = Problem(spec, spaces, states, identity_transforms(spaces, n), act, gen, opts.progress,
-                      device=_device_of(models[0]))  # fmt: skip
-    sol = meth.solve(problem)
-    del problem  # its similarity caches: free them before the merged model is built
+
+    spent = {"solve": 0.0, "apply_and_post": 0.0}  # summed over the grid for alpha="auto"
+
+    def build(m: Any) -> _Built:  # solve with a fresh seeded generator, then build the model and post-passes
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(opts.seed)
+        problem = Problem(spec, spaces, states, identity_transforms(spaces, n), act, gen, opts.progress,
+                          device=_device_of(models[0]))  # fmt: skip
+        sol = m.solve(problem)
+        del problem  # its similarity caches: free them before the merged model is built
+        mid = time.perf_counter()
+        merged = copy.deepcopy(models[0])
+        load_merged(merged, merge_state(spec, states, sol.transforms) if spec is not None else average_state(states))
+        info: dict[str, Any] = {}
+        if opts.stop_at is not None:
+            cg = spec.graph if spec.graph is not None else capture(models[0], example_inputs, opts.frontend)
+            merged, info = build_multihead(cg, spec, merged, models, sol.transforms, opts.stop_at, example_inputs)
+        post = _post_passes(merged, models, spec, spaces, sol.transforms, data, opts)
+        spent["solve"] += mid - start
+        spent["apply_and_post"] += time.perf_counter() - mid
+        return _Built(post.pop("model"), sol, info, post, m)
+
+    candidates = getattr(meth, "candidates", list)()
+    selection = None
+    if candidates:
+        from fxmerge.merge.select import OutputAgreement, choose
+
+        by_alpha = {c.alpha: c for c in candidates}
+        built, selection = choose(list(by_alpha), lambda a: build(by_alpha[a]), lambda b: b.model,
+                                  getattr(meth, "score", None),
+                                  lambda: OutputAgreement(models, data, opts.max_batches))  # fmt: skip
+    else:
+        built = build(meth)
+    merged, sol, info, post, used = built.model, built.solution, built.info, built.post, built.method
     tr = sol.transforms
     t3 = time.perf_counter()
-    merged = copy.deepcopy(models[0])
-    load_merged(merged, merge_state(spec, states, tr) if spec is not None else average_state(states))
-    info: dict[str, Any] = {}
-    if opts.stop_at is not None:
-        cg = spec.graph if spec.graph is not None else capture(models[0], example_inputs, opts.frontend)
-        merged, info = build_multihead(cg, spec, merged, models, tr, opts.stop_at, example_inputs)
-    post = _post_passes(merged, models, spec, spaces, tr, data, opts)
-    merged = post.pop("model")
     details = _details(spaces, tr, sol.sims, n)
     report = {
         "method": method_name(meth),
@@ -138,14 +161,39 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
         "sweep_values": sol.log.values,
         "sweep_changes": sol.log.changed,
         "post_passes": post,
-        "timings": {"infer": t1 - t0, "statistics": t2 - t1, "solve": t3 - t2,
-                    "apply_and_post": time.perf_counter() - t3},
+        "timings": {"infer": t1 - t0, "statistics": t2 - t1, **spent, "select": t3 - t2 - sum(spent.values()),
+                    "report": time.perf_counter() - t3},
     }  # fmt: skip
+    if selection is not None:
+        report["alpha_selection"] = selection.to_obj()
     if info:
         report["partial"] = info
-    one_to_one = bool(getattr(meth, "one_to_one", False)) and opts.stop_at is None
+    one_to_one = bool(getattr(used, "one_to_one", False)) and opts.stop_at is None
     align = Alignment(models, spec, spaces, tr, data, opts.max_batches) if one_to_one else None
     return MergeResult(merged, spec, report, details, align)
+
+
+@dataclass
+class _Built:
+    """One solved and built merge: the model after post-passes and how it was made."""
+
+    model: nn.Module
+    solution: Solution
+    info: dict[str, Any]
+    post: dict[str, Any]
+    method: Any
+
+
+def _check_selection(meth: Any, opts: MergeOptions, het: HeteroOptions) -> None:
+    """``alpha="auto"`` (a method with grid candidates) selects among whole merges of one architecture."""
+    if not getattr(meth, "candidates", list)():
+        return
+    if het.active:
+        raise MergeInputError("alpha='auto' is not available with depth/width (heterogeneous) merges; pass a "
+                              "number, e.g. alpha=0.5")  # fmt: skip
+    if opts.stop_at is not None:
+        raise MergeInputError("alpha='auto' scores whole merged models; with stop_at (partial zip) pass a number, "
+                              "e.g. alpha=0.5")  # fmt: skip
 
 
 def _checked_spec(models, spec, example_inputs, frontend) -> PermutationSpec:

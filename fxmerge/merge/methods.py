@@ -23,13 +23,14 @@ import difflib
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from fxmerge.errors import MergeInputError
 from fxmerge.merge.engine import MatchOptions
 from fxmerge.merge.options import HeteroOptions, MergeOptions
 from fxmerge.merge.problem import Problem, Solution
+from fxmerge.merge.select import DEFAULT_GRID
 
 __all__ = [
     "ActAlign",
@@ -153,8 +154,9 @@ def describe_validation(e: ValidationError) -> str:
     """One line per problem: ``alpha=1.5: Input should be less than or equal to 1``."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "value"
-        parts.append(f"{loc}={err.get('input')!r}: {err.get('msg')}")
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{loc}={err.get('input')!r}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -243,21 +245,81 @@ class WZip:
 class MuDSC:
     """MuDSC (dual-space): ``alpha * S_weight + (1 - alpha) * S_activation``, solved by coordinate descent in
     random order from the activation matching, stopping at a fixed point or after ``patience`` sweeps without
-    improvement. ``matcher="zip"`` is the paper's headline MuDSC-Zip; ``"align"`` is MuDSC-Align."""
+    improvement. ``matcher="zip"`` is the paper's headline MuDSC-Zip; ``"align"`` is MuDSC-Align.
 
-    alpha: Unit = 0.5
+    ``alpha="auto"`` merges once per value of ``alpha_grid`` (the activation statistics are computed once) and
+    keeps the merge that ``score(model) -> float`` rates highest (higher is better; Python API only), or without
+    ``score`` the one whose outputs agree best with the parents' (a label-free proxy, see
+    :mod:`fxmerge.merge.select`). The choice and every grid point's score are in ``result.report["alpha_selection"]``.
+    """
+
+    alpha: float | Literal["auto"] = 0.5
     matcher: Literal["align", "zip"] = "align"
     max_sweeps: Sweeps = 30
     patience: Sweeps = 5
     zip_alpha: Unit = 0.5
     zip_beta: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
+    score: Callable | None = None
+    alpha_grid: list[float] = DEFAULT_GRID  # type: ignore[assignment]  # stored as a tuple (hashable)
     needs_data: ClassVar[bool] = True
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        if isinstance(value, str) and value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"Input should be a valid number in [0, 1] or 'auto', got {value!r}")
+        if not 0.0 <= value <= 1.0:  # NaN included
+            bound = ("a finite number" if value != value else
+                     "less than or equal to 1" if value > 0.5 else "greater than or equal to 0")  # fmt: skip
+            raise ValueError(f"Input should be {bound} (alpha is a number in [0, 1] or 'auto'), got {value!r}")
+        return float(value)
+
+    @field_validator("score", mode="before")
+    @classmethod
+    def _score(cls, value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise ValueError(f"score must be a Python callable model -> float (higher is better), got "
+                             f"{type(value).__name__} {value!r:.60}; a callable can only be passed from Python "
+                             "(fxmerge.merge(..., score=fn)), not from a YAML config or the command line; leave "
+                             "it out to select alpha='auto' with the label-free proxy")  # fmt: skip
+        return value
+
+    @field_validator("alpha_grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> Any:
+        items = list(value) if isinstance(value, (list, tuple)) else None
+        if not items or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0
+                            for a in items):  # fmt: skip
+            raise ValueError(f"alpha_grid must be a non-empty list of numbers in [0, 1], got {value!r}")
+        return [float(a) for a in items]
+
+    @field_validator("alpha_grid", mode="after")
+    @classmethod
+    def _frozen_grid(cls, value: list[float]) -> tuple[float, ...]:
+        return tuple(value)  # hashable, like every other setting
+
+    @model_validator(mode="after")
+    def _score_needs_auto(self) -> MuDSC:
+        if self.score is not None and self.alpha != "auto":
+            raise ValueError(f"score is used only to select alpha='auto'; alpha is {self.alpha}")
+        return self
 
     @property
     def one_to_one(self) -> bool:
         return self.matcher == "align"
 
+    def candidates(self) -> list[MuDSC]:
+        """For ``alpha="auto"``: one method per grid value (what a one-alpha merge would use); else ``[]``."""
+        if self.alpha != "auto":
+            return []
+        return [dataclasses.replace(self, alpha=a, score=None) for a in self.alpha_grid]
+
     def solve(self, problem: Problem) -> Solution:
+        if self.alpha == "auto":
+            raise MergeInputError("MuDSC(alpha='auto') is resolved by fxmerge.merge (one merge per alpha of "
+                                  "alpha_grid, the best kept); solve() needs a number")  # fmt: skip
         opts = MatchOptions(self.matcher, zip_alpha=self.zip_alpha, zip_beta=self.zip_beta)
         start = problem.activation_first(opts)
         return problem.descend(opts, kind="corr", alpha=self.alpha, init=start.transforms,
@@ -271,7 +333,16 @@ def method_name(method: Any) -> str:
 
 def method_settings(method: Any) -> dict[str, Any]:
     """A method object's settings as plain values (for reports)."""
-    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    return {f.name: _plain(getattr(method, f.name)) for f in dataclasses.fields(method)}
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain JSON: callables by name, tuples as lists."""
+    if callable(value):
+        return getattr(value, "__qualname__", repr(value))
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 _OPTION_FIELDS = set(MergeOptions.model_fields)
