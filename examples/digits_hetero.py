@@ -180,6 +180,7 @@ def run_family(split: DigitsSplit, family: Family, seed: int, epochs: int, img_d
         plot = None
         if img_dir is not None and options.get("depth") in ("lma", "sma") and "where" not in options and method == "zipit":
             plot = img_dir / f"digits_hetero_{family.name}_{options['depth']}.png"
+            plot.unlink(missing_ok=True)  # this script's own heatmap from an earlier run (fxmerge never overwrites)
         first = merge(row, [models["big", 0], models["small", 1]], method, cka_plot=plot, **options)
         scores = [dc.evaluate(first.model, split)]
         if both:

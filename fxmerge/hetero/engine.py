@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 from fxmerge.capture.trace import eval_mode
 from fxmerge.errors import MergeError
 from fxmerge.hetero.graph import run_graph
-from fxmerge.hetero.width import layout_signature
-from fxmerge.ir.layout import G, Layout, LFixed
+from fxmerge.hetero.width import layout_signature, structured_target, zip_structured
+from fxmerge.ir.layout import G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
+from fxmerge.match import Matching
 from fxmerge.merge.features import grouped_axes, probe_points
 from fxmerge.merge.options import MergeOptions
-from fxmerge.merge.problem import Elastic, Problem, present_identity
+from fxmerge.merge.problem import Elastic, Problem, embed, present_identity
 from fxmerge.merge.report import space_name
 from fxmerge.merge.spaces import Space, find_spaces
 from fxmerge.merge.transform import Transforms, apply_layout, transform_param
@@ -86,10 +87,14 @@ def _space_target(key: Layout, spaces: list[Space], present: list[int], targets:
     sizes = {spaces[m].size for m in present}
     if isinstance(key, G):
         return targets.get(key.gid, max(sizes))
+    structured = structured_target(key, [spaces[m].key for m in present], targets)
+    if structured is not None:
+        return structured
     if len(sizes) != 1:
         raise MergeError(
             f"a structured space (attention heads / grouped channels, groups {spaces[0].groups}) has "
-            f"sizes {sorted(sizes)} across models; elastic width supports plain channel groups only."
+            f"sizes {sorted(sizes)} across models; elastic width changes the size of the blocks (channels per "
+            "group, head dimension), not their number."
         )
     return sizes.pop()
 
@@ -141,6 +146,9 @@ def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str,
             if len(sizes_p) > 1:
                 raise MergeError(f"space of groups {spaces[i].spaces[0].groups} has sizes {sorted(sizes_p)} but no "
                                  "activation probe; it cannot be zipped to a common width.")  # fmt: skip
+        structured = [i for i in solvable if isinstance(spaces[i].keys[0], Prod)]
+        init.update(_structured(spaces, structured, corr, method))
+        solvable = [i for i in solvable if i not in structured]
         el = Elastic({spaces[i].keys[0]: spaces[i].sizes for i in solvable},
                      {spaces[i].keys[0]: spaces[i].present for i in solvable},
                      {spaces[i].keys[0]: spaces[i].target for i in solvable})  # fmt: skip
@@ -151,6 +159,30 @@ def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str,
     problem = Problem(spec, {spaces[i].keys[0]: spaces[i].spaces[0] for i in solvable}, states, init, act,
                       torch.Generator().manual_seed(opts.seed), opts.progress, elastic=el)  # fmt: skip
     return problem, unmatched
+
+
+def _structured(spaces: list[_Space], idx: list[int], corr: dict[int, torch.Tensor], method: Any) -> Transforms:
+    """Structured spaces of an elastic merge (attention heads, GroupNorm groups): the spaces of one outer group
+    share one block pairing and are zipped block by block (:func:`~fxmerge.hetero.width.zip_structured`)."""
+    alpha = float(getattr(method, "alpha", getattr(method, "zip_alpha", 0.5)))
+    beta = float(getattr(method, "beta", getattr(method, "zip_beta", 1.0)))
+    fams: dict[int, list[int]] = {}
+    for i in idx:
+        fams.setdefault(spaces[i].keys[0].outer.gid, []).append(i)  # type: ignore[union-attr]
+    out: Transforms = {}
+    for members in fams.values():
+        present = spaces[members[0]].present
+        if any(spaces[i].present != present for i in members):
+            raise MergeError(f"the spaces of groups {[spaces[i].spaces[0].groups for i in members]} share blocks "
+                             "but not the models taking part; they cannot be zipped together.")  # fmt: skip
+        sizes = [[spaces[i].sizes[m] for m in present] for i in members]
+        n_blocks = spaces[members[0]].keys[0].outer.size  # type: ignore[union-attr]
+        _, cols, value = zip_structured([corr[i] for i in members], sizes, n_blocks,
+                                        [spaces[i].target for i in members], alpha=alpha, beta=beta)  # fmt: skip
+        for i, c, sz in zip(members, cols, sizes, strict=True):
+            mt = Matching.from_columns(c, sz, spaces[i].target, value, dtype=torch.float64, device=torch.device("cpu"))
+            out[spaces[i].keys[0]] = embed(mt, spaces[i].sizes, present)
+    return out
 
 
 def merge_states(

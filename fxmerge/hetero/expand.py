@@ -29,10 +29,12 @@ from fxmerge.errors import MergeError
 from fxmerge.hetero.blocks import Block, BlockStructure
 from fxmerge.hetero.graph import node_reads
 from fxmerge.hetero.width import check_runs, group_sizes, resize_model
-from fxmerge.ir.layout import G, Layout, LFixed, Prod, describe, groups_in
+from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod, describe, groups_in
 from fxmerge.ir.spec import PermutationSpec
 
 __all__ = ["Twin", "absent_groups", "expand", "make_identity", "param_map"]
+
+EXACT_TOL = 1e-4  # relative output deviation above which a twin without padded blocks is not the model
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ def _axis_sizes(
         return {lay.outer.gid: n // lay.inners[0].size}
     if n == lay.size:
         return {gid: spec.group(gid).size for gid in groups_in(lay)}
+    blocks = _block_sizes(lay, n)
+    if blocks is not None:
+        return blocks
     if isinstance(lay, LFixed):
         raise MergeError(
             f"axis {axis} of {names[0]!r} has {lay.size} entries in the deep model but {names[1]!r} has {n} in the "
@@ -115,6 +120,23 @@ def _axis_sizes(
         f"axis {axis} of {names[0]!r} has layout {describe(lay)} ({lay.size} entries) but {names[1]!r} has {n}: "
         "a structured axis (attention heads, grouped channels, concatenation) cannot change width."
     )
+
+
+def _block_sizes(lay: Layout, n: int) -> dict[int, int] | None:
+    """Group sizes of an axis of blocks (GroupNorm groups, attention heads; several for a fused qkv) with ``n``
+    entries when the blocks keep their number and change their size: every inner group gets n / Σ blocks."""
+    parts = lay.parts if isinstance(lay, Cat) else [lay]
+    if not all(isinstance(p, Prod) and isinstance(p.outer, G) and all(isinstance(i, G) for i in p.inners)
+               for p in parts):  # fmt: skip
+        return None
+    blocks = sum(p.outer.size for p in parts)  # type: ignore[union-attr]
+    if n % blocks:
+        return None
+    out: dict[int, int] = {}
+    for p in parts:
+        out[p.outer.gid] = p.outer.size  # type: ignore[union-attr]
+        out.update({i.gid: n // blocks for i in p.inners})  # type: ignore[union-attr]
+    return out
 
 
 def _contraction_groups(spec: PermutationSpec, name: str) -> tuple[int | None, int | None]:
@@ -348,4 +370,11 @@ def expand(
     for j in padded:
         make_identity(twin, deep, spec, j)
     err, scale = output_error(twin, shallow_model, example_inputs)
+    if not padded and err > EXACT_TOL * (1.0 + scale):
+        raise MergeError(
+            f"the deeper model rebuilt at the other model's widths does not compute that model's function (max output "
+            f"deviation {err:.3g}): the models differ in the number of attention heads or norm groups, or a size is "
+            "hard-coded in forward(). Elastic width changes the size of heads and groups (head dimension, channels "
+            "per group), not their number."
+        )
     return Twin(twin, tuple(slots), tuple(padded), absent_groups(spec, deep, padded), widths, err, scale)
