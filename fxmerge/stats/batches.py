@@ -61,12 +61,13 @@ MAX_ROWS = 8192  # samples per activation and batch fed to the statistics (rando
 
 
 def feature_rows(t: torch.Tensor, axes: tuple, gen: torch.Generator, max_rows: int = MAX_ROWS) -> torch.Tensor:
-    """``t`` as a float64 [samples, units] matrix: ``axes`` (jointly) are the units, every other axis a sample
-    (batch, tokens, pixels); at most ``max_rows`` samples, drawn with ``gen``."""
+    """``t`` as a [samples, units] matrix: ``axes`` (jointly) are the units, every other axis a sample (batch,
+    tokens, pixels); at most ``max_rows`` samples, drawn with ``gen``. float64 stays float64, every other dtype
+    becomes float32 (the statistics are accumulated in the models' precision)."""
     units = 1
     for a in axes:
         units *= t.shape[a]
-    f = t.detach().movedim(tuple(axes), tuple(range(t.ndim - len(axes), t.ndim))).reshape(-1, units).double()
+    f = t.detach().movedim(tuple(axes), tuple(range(t.ndim - len(axes), t.ndim))).reshape(-1, units)
     if f.shape[0] > max_rows:
         f = f[torch.randperm(f.shape[0], generator=gen)[:max_rows].to(f.device)]
-    return f
+    return f.to(torch.float64 if f.dtype == torch.float64 else torch.float32)

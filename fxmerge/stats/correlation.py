@@ -179,6 +179,30 @@ class CorrelationAccumulator:
         for start in range(0, n, chunk):
             self._accumulate(*self._work(feats, start, min(n, start + chunk)))
 
+    def add_rows(self, w: Tensor, lo: Tensor, hi: Tensor) -> None:
+        """Add samples the caller has already concatenated, checked for non-finite values and centred: ``w`` is
+        [n_samples, D] in the accumulation dtype on the accumulator's device (contiguous; it may be overwritten),
+        ``lo`` / ``hi`` the per-unit range of the raw features. No copy is made (the fast path of
+        :class:`~fxmerge.stats.probes.SpaceStatistics`, which shifts every probe point by its own mean)."""
+        if self._reduced:
+            raise MergeError(
+                "add_rows() after all_reduce(): the statistics are already global; start a new accumulator."
+            )
+        if w.dim() != 2 or w.shape[1] != self.total or w.dtype != self.dtype or not w.is_contiguous():
+            raise MergeError(
+                f"add_rows() needs a contiguous [n_samples, {self.total}] {self.dtype} tensor, got "
+                f"{tuple(w.shape)} {w.dtype}."
+            )
+        if w.shape[0] == 0:
+            return
+        if not self._buffers:
+            self._allocate(w.device)
+        if self._shift is None:
+            self._shift = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        elif bool(self._shift.any()):
+            w.sub_(self._shift)
+        self._accumulate(w, lo.to(self.dtype), hi.to(self.dtype))
+
     def _accumulate(self, w: Tensor, lo: Tensor, hi: Tensor) -> None:
         b = self._buffers
         torch.minimum(b["min"], lo, out=b["min"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fxmerge.errors import MergeError
 from fxmerge.stats.batches import feature_rows
 from fxmerge.stats.correlation import CorrelationAccumulator
 
@@ -57,21 +58,29 @@ class _Points:
         self.hi: list[Tensor | None] = [None] * n_points
         self._mean: list[Tensor | None] | None = None  # global per-point means
         self._correction: Tensor | None = None  # sum over processes and points of the re-centring terms
+        self.last_range: tuple[Tensor, Tensor] = (torch.zeros(0), torch.zeros(0))  # of the latest centre() call
 
-    def centre(self, j: int, feats: Sequence[Tensor]) -> list[Tensor]:
-        """``feats`` (one [rows, units] tensor per model) shifted by point ``j``'s shift, in float64; the point's
-        count, sum and range are updated."""
-        x = torch.cat([f.to(torch.float64) for f in feats], dim=1)
+    def centre(self, j: int, x: Tensor) -> Tensor:
+        """``x`` (the concatenated [rows, units] features of all models at point ``j``) shifted in place by the
+        point's shift; the point's count, sum (float64) and raw range are updated.
+
+        Raises:
+            MergeError: if a feature is NaN or infinite."""
         lo, hi = torch.aminmax(x, dim=0)
-        if self.shift[j] is None:
-            self.shift[j] = x.mean(dim=0)
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # aminmax propagates NaN
+            raise MergeError("activation features contain NaN or inf: check the data for NaN/inf values and that "
+                             "the models produce finite outputs on it")  # fmt: skip
+        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        if self.shift[j] is None:  # kept in x's dtype: the algebra below uses exactly the shift applied
+            self.shift[j] = x.mean(dim=0, dtype=torch.float64).to(x.dtype)
         x -= self.shift[j]
-        total = x.sum(dim=0)
+        total = x.sum(dim=0, dtype=torch.float64)
         self.count[j] += x.shape[0]
         self.sum[j] = total if self.sum[j] is None else self.sum[j] + total
         self.lo[j] = lo if self.lo[j] is None else torch.minimum(self.lo[j], lo)
         self.hi[j] = hi if self.hi[j] is None else torch.maximum(self.hi[j], hi)
-        return list(x.split([f.shape[1] for f in feats], dim=1))
+        self.last_range = (lo, hi)
+        return x
 
     def reduce(self, size: int, device: torch.device | None) -> None:
         """Global per-point counts, means and ranges, and the re-centring term
@@ -82,7 +91,8 @@ class _Points:
         kw = {"dtype": torch.float64, "device": device}
         n_local = list(self.count)
         s_local = [self.sum[j] if self.sum[j] is not None else torch.zeros(size, **kw) for j in range(len(n_local))]
-        shifts = [self.shift[j] if self.shift[j] is not None else torch.zeros(size, **kw) for j in range(len(n_local))]
+        shifts = [self.shift[j].to(torch.float64) if self.shift[j] is not None else torch.zeros(size, **kw)
+                  for j in range(len(n_local))]  # fmt: skip
         raw = [s + n * sh for s, n, sh in zip(s_local, n_local, shifts, strict=True)]
         distributed = dist.is_available() and dist.is_initialized()
         for j in range(len(n_local)):
@@ -164,7 +174,7 @@ class SpaceStatistics:
         self.sizes = {k: [sizes[k][m] for m in self.members[k]] for k in self.probes}
         self.grouped = grouped
         self.generator = generator
-        self.accs = {k: CorrelationAccumulator(self.sizes[k]) for k in self.probes}
+        self.accs: dict[Hashable, CorrelationAccumulator] = {}
         self.points = {k: _Points(len(p)) for k, p in self.probes.items()}
 
     @property
@@ -177,6 +187,12 @@ class SpaceStatistics:
         """Whether no sample has been accumulated in any space."""
         return all(acc.count == 0 for acc in self.accs.values())
 
+    def _acc(self, k: Hashable, x: Tensor) -> CorrelationAccumulator:
+        """Space ``k``'s accumulator, in the features' precision (float64 for float64 models, else float32)."""
+        if k not in self.accs:
+            self.accs[k] = CorrelationAccumulator(self.sizes[k], dtype=x.dtype, device=x.device)
+        return self.accs[k]
+
     def add(self, values: Sequence[Mapping[str, Tensor]]) -> None:
         """One batch: ``values[m][node]`` is model m's value of every node in :attr:`nodes`."""
         for k, pts in self.probes.items():
@@ -184,11 +200,11 @@ class SpaceStatistics:
             for j, p in enumerate(pts):
                 feats = [self._features(values[m][p.node], p, size, seed)
                          for m, size in zip(self.members[k], self.sizes[k], strict=True)]  # fmt: skip
-                rows = _regular_rows(feats, values[self.members[k][0]][p.node].dtype)
-                if rows is not None:
-                    feats = [f[rows] for f in feats]
-                if feats[0].shape[0]:
-                    self.accs[k].update(self.points[k].centre(j, feats))
+                x = _without_sentinel_rows(torch.cat(feats, dim=1))
+                if x.shape[0]:
+                    acc = self._acc(k, x)
+                    x = self.points[k].centre(j, x.to(acc.dtype))
+                    acc.add_rows(x, *(t.to(acc.dtype) for t in self.points[k].last_range))
 
     def _features(self, value: Tensor, p: Probe, size: int, seed: int) -> Tensor:
         value = invariant_over(value, tuple(sorted(self.grouped.get(p.node, set()) - set(p.axes))))
@@ -200,7 +216,9 @@ class SpaceStatistics:
         """Per space with at least two samples: the pooled within-point Pearson correlation [D, D] of the
         concatenated units (all-reduced across processes when ``torch.distributed`` is initialised)."""
         out = {}
-        for k, acc in self.accs.items():
+        dtype = next((acc.dtype for acc in self.accs.values()), torch.float64)
+        for k in self.probes:  # every space, in one order on every process (all-reduce pairs them up)
+            acc = self.accs.setdefault(k, CorrelationAccumulator(self.sizes[k], dtype=dtype))
             acc.all_reduce()
             self.points[k].reduce(acc.total, acc.device)
             if acc.count > 1:
@@ -223,14 +241,11 @@ def invariant_over(t: Tensor, axes: tuple[int, ...]) -> Tensor:
     return flat.reshape(y.shape).permute(sorted(range(t.ndim), key=order.__getitem__))
 
 
-def _regular_rows(feats: list[Tensor], dtype: torch.dtype) -> Tensor | None:
-    """Rows (samples) without masking sentinels: values near the dtype's largest magnitude (an attention
-    mask's ``finfo.min`` added to scores) carry no information and overflow second moments. None: all rows."""
-    if not dtype.is_floating_point:
-        return None
-    limit = torch.finfo(dtype).max / 16
-    bad = None
-    for f in feats:
-        rows = (f.abs() >= limit).any(dim=1)
-        bad = rows if bad is None else bad | rows
-    return None if bad is None or not bool(bad.any()) else ~bad
+def _without_sentinel_rows(x: Tensor) -> Tensor:
+    """``x`` without the rows (samples) that hold a masking sentinel: values near the dtype's largest magnitude
+    (an attention mask's ``finfo.min`` added to scores) carry no information and overflow second moments."""
+    limit = torch.finfo(x.dtype).max / 16
+    lo, hi = torch.aminmax(x)
+    if not (float(lo) <= -limit or float(hi) >= limit):
+        return x
+    return x[~(x.abs() >= limit).any(dim=1)]
