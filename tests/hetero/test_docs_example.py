@@ -38,5 +38,6 @@ def test_example_quick_width_family(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "results" / "digits_hetero.md").read_text()
-    assert "wide x narrow: ZipIt, width max (both directions)" in text
-    assert "wide x wide: ZipIt" in text
+    assert "wide x narrow: elastic ZipIt, width max (both directions)" in text
+    assert "narrow x narrow: ZipIt (homogeneous)" in text and "wide x wide: ZipIt" in text
+    assert text.count("| residual MLP") == 0 and "| resmlp |" in text and "| resnet_bn |" in text  # summary rows

@@ -106,7 +106,7 @@ def test_width_errors() -> None:
         merge_hetero([narrow, wide], method="zipit", data=DATA, example_inputs=X, progress=False)
     with pytest.raises(MergeError, match="elastic zipping"):
         merge_hetero([narrow, wide], method="act_align", data=DATA, example_inputs=X, width="max", progress=False)
-    with pytest.raises(MergeError, match="width='widest'.*must be 'max', 'min'"):
+    with pytest.raises(MergeError, match=r"width='widest'.*must be 'max', 'min'"):
         merge_hetero([narrow, wide], method="zipit", data=DATA, example_inputs=X, width="widest", progress=False)
     other = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
     with pytest.raises(MergeError, match=r"incompatible|differ"):
