@@ -113,6 +113,16 @@ class Matching:
             )
         return self._cache[key]
 
+    def is_identity(self, model: int) -> bool:
+        """Whether ``model``'s unit ``c`` is merged unit ``c`` for every ``c`` (a permutation that moves nothing)."""
+        key = ("id", model)
+        if key not in self._cache:
+            cols = self.columns(model)
+            self._cache[key] = self.is_permutation(model) and bool(
+                torch.equal(cols, torch.arange(self._width, device=cols.device, dtype=cols.dtype))  # type: ignore[arg-type]
+            )
+        return self._cache[key]
+
     def weights(self, model: int) -> Tensor | None:
         """``merge[model]``'s non-zero per unit ([C_m]: 1/size of the unit's merged unit, 0 if dropped)."""
         key = ("w", model)

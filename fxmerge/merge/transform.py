@@ -37,6 +37,11 @@ def _along(x: torch.Tensor, axis: int, mt: Matching, m: int, mode: str, unit: in
         mat = mt.merge[m] if mode == "merge" else (mt.unmerge[m].T if mode == "in" else mt.unmerge[m])
         z = mat.to(y.dtype) @ y.reshape(mat.shape[1], -1)
         return z.reshape(mat.shape[0] * unit, *rest).movedim(0, axis)
+    if mt.is_identity(m):  # nothing moves: the same values as the scatter below, without it
+        if mode != "merge":
+            return x
+        w = mt.weights(m).to(device=y.device, dtype=y.dtype)
+        return (y.reshape(cols.numel(), -1) * w[:, None]).reshape(y.shape).movedim(0, axis)
     if cols.device != y.device:
         cols = cols.to(y.device)
     k = mt.width
