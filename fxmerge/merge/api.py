@@ -59,14 +59,16 @@ def merge(
 
     Keyword ``settings`` are routed to the object that owns them, never dropped: the method's own settings
     (``alpha``, ``matcher``, ``max_sweeps``, ... for a method given by name), :class:`MergeOptions`
-    (``seed``, ``reset_bn``, ``repair``, ``stop_at``, ``max_batches``, ``frontend``, ``progress``) and
+    (``seed``, ``reset_bn``, ``repair``, ``stop_at``, ``max_batches``, ``frontend``, ``progress``, ``post``) and
     :class:`HeteroOptions` (``depth``, ``width``, ``where``, ``blocks``, ``cka_batches``, ``cka_plot``); or pass
     ``options=`` / ``hetero=`` objects. ``spec``: a spec inferred earlier for model 0 (verified before use).
 
     Post-passes: BatchNorm statistics are re-estimated on ``data`` when ``reset_bn`` and the model has
     BatchNorm; ``repair=True`` rescales every producer layer to the parents' interpolated statistics (REPAIR,
-    one-to-one matchings). ``stop_at`` makes a partial zip (``result.model`` returns N outputs). ``depth`` /
-    ``width`` merge models of different depth or width (:mod:`fxmerge.hetero`). The inputs are never modified.
+    one-to-one matchings). ``post=["norm_repair", ...]`` then runs registered post-passes in order
+    (:mod:`fxmerge.passes.registry`; with ``stop_at`` they correct the shared trunk). ``stop_at`` makes a
+    partial zip (``result.model`` returns N outputs). ``depth`` / ``width`` merge models of different depth or
+    width (:mod:`fxmerge.hetero`). The inputs are never modified.
     The result holds the merged model and, for one-to-one methods, the models aligned to model 0 and
     :meth:`MergeResult.interpolate`.
     """
@@ -125,10 +127,15 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
         merged = copy.deepcopy(models[0])
         load_merged(merged, merge_state(spec, states, sol.transforms) if spec is not None else average_state(states))
         info: dict[str, Any] = {}
+        trunk_post = None
         if opts.stop_at is not None:
+            if opts.post:  # the trunk is the merged model's start: correct it before the tails are split off
+                merged, trunk_post = _run_post(merged, models, spec, spaces, sol.transforms, data, opts)
             cg = spec.graph if spec.graph is not None else capture(models[0], example_inputs, opts.frontend)
             merged, info = build_multihead(cg, spec, merged, models, sol.transforms, opts.stop_at, example_inputs)
         post = _post_passes(merged, models, spec, spaces, sol.transforms, data, opts)
+        if trunk_post is not None:
+            post["post"] = trunk_post
         spent["solve"] += mid - start
         spent["apply_and_post"] += time.perf_counter() - mid
         return _Built(post.pop("model"), sol, info, post, m)
@@ -264,6 +271,8 @@ def _check_post_passes(meth, data, opts: MergeOptions) -> None:
         raise MergeError("repair=True needs a one-to-one matching: use an align method without stop_at")
     if opts.repair and data is None:
         raise MergeError("repair=True needs data to measure the parents' statistics")
+    if opts.post and data is None:
+        raise MergeError("post-passes (post=[...]) need data to measure the parents' statistics")
 
 
 def _post_passes(merged, models, spec, spaces, tr, data, opts: MergeOptions) -> dict:
@@ -283,8 +292,23 @@ def _post_passes(merged, models, spec, spaces, tr, data, opts: MergeOptions) -> 
 
         merged = reset_bn_stats(merged, data, progress=progress, num_batches=max_batches)
         done["reset_bn"] = True
+    if opts.post and opts.stop_at is None:
+        merged, done["post"] = _run_post(merged, models, spec, spaces, tr, data, opts)
     done["model"] = merged
     return done
+
+
+def _run_post(merged, models, spec, spaces, tr, data, opts: MergeOptions) -> tuple[nn.Module, list]:
+    """The registered post-passes of ``opts.post`` (:mod:`fxmerge.passes.registry`), in order."""
+    from fxmerge.passes.registry import PostContext, run_post_passes
+
+    ctx = PostContext(models, spec, spaces, tr, data, _one_to_one(tr, spaces), opts.max_batches, opts.progress)
+    return run_post_passes(merged, ctx, opts.post)
+
+
+def _one_to_one(tr, spaces) -> bool:
+    """Whether every merge space's solution is a permutation per model."""
+    return all(tr[k].is_one_to_one() for k in spaces if k in tr)
 
 
 def _producer_modules(model: nn.Module, spec: PermutationSpec, spaces) -> list[str]:

@@ -36,6 +36,19 @@ class MergeOptions(_Options):
         "auto", description="graph capture: torch.fx or torch.export"
     )
     progress: bool = Field(True, description="show progress bars on data passes and matching sweeps")
+    post: list[str | dict[str, Any]] = Field(
+        [],
+        description="post-passes run in order after the merge (needs data): names such as 'norm_repair', "
+        "'unit_repair' or {name: {setting: value}} (fxmerge.passes.register_post_pass)",
+    )
+
+    @field_validator("post")
+    @classmethod
+    def _post(cls, value: list[Any]) -> list[Any]:
+        from fxmerge.passes.registry import parse_post
+
+        parse_post(value)  # unknown names and settings are errors now, not after the merge
+        return value
 
 
 class HeteroOptions(_Options):
