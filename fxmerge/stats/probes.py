@@ -244,6 +244,8 @@ def invariant_over(t: Tensor, axes: tuple[int, ...]) -> Tensor:
 def _without_sentinel_rows(x: Tensor) -> Tensor:
     """``x`` without the rows (samples) that hold a masking sentinel: values near the dtype's largest magnitude
     (an attention mask's ``finfo.min`` added to scores) carry no information and overflow second moments."""
+    if x.numel() == 0:
+        return x
     limit = torch.finfo(x.dtype).max / 16
     lo, hi = torch.aminmax(x)
     if not (float(lo) <= -limit or float(hi) >= limit):

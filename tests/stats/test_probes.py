@@ -55,6 +55,8 @@ def test_sentinel_rows_are_dropped_and_nan_is_an_error() -> None:
                             torch.Generator().manual_seed(1))  # fmt: skip
     stats.add(masked)
     assert stats.accs["s"].count == 6 * 4 - 1
+    stats.add([{k: t[:0] for k, t in m.items()} for m in v])  # a batch without samples (empty tensors) adds nothing
+    assert stats.accs["s"].count == 6 * 4 - 1
     bad = [{k: t.clone() for k, t in m.items()} for m in v]
     bad[1]["a"][2, 1, 3] = float("nan")
     with pytest.raises(MergeError, match="NaN or inf"):
