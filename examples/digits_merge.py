@@ -47,6 +47,8 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("MuDSC zip", "mudsc", {"matcher": "zip"}),
     ("act. align + REPAIR", "act_align", {"repair": True}),
     ("MuDSC align + REPAIR", "mudsc", {"matcher": "align", "repair": True}),
+    ("ZipIt + norm_repair", "zipit", {"post": ["norm_repair"]}),
+    ("MuDSC zip + unit/norm_repair", "mudsc", {"matcher": "zip", "alpha": 0.5, "post": ["unit_repair", "norm_repair"]}),
 ]
 BASELINES = ("model A", "model B", "ensemble")
 ROWS = (*BASELINES, *(label for label, _, _ in METHODS))
