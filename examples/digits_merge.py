@@ -2,9 +2,12 @@
 
 For each model kind (``mlp``, ``resnet_bn``, ``resnet_gn``, ``vit`` from ``digits_common``) and seed, model A
 is trained on digits 0-4 and model B on digits 5-9 (different initialisations); both are merged with weight
-averaging, Git Re-Basin, activation alignment, ZipIt, W. Zip, MuDSC-Align and MuDSC-Zip, using the training
-images (both halves, no labels) for activation statistics and the BatchNorm reset. Every model is scored
-on the test set: task A (digits 0-4, 5-way), task B (digits 5-9, 5-way) and joint (all digits, 10-way).
+averaging, Git Re-Basin, activation alignment, ZipIt, W. Zip, MuDSC (its defaults, MuDSC-Align, MuDSC-Zip and
+``alpha="auto"``), using the training images (both halves, no labels) for activation statistics and the
+BatchNorm reset. A stratified fifth of the training images (``VAL_FRACTION``) is held out from training and
+merging: MuDSC ``alpha="auto"`` with a score rates each grid merge by its joint accuracy there (the test set is
+never used to choose). Every model is scored on the test set: task A (digits 0-4, 5-way), task B (digits 5-9,
+5-way) and joint (all digits, 10-way).
 
     python examples/digits_merge.py                      # all kinds, default widths, seeds 0 1 2
     python examples/digits_merge.py --kinds mlp --width 256 --seeds 0 1 2 3
@@ -16,12 +19,13 @@ Writes ``<out>/results/digits_merge.md`` (tables), ``<out>/results/digits_merge.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,10 @@ import digits_common as dc
 
 import fxmerge
 from fxmerge.data import load_digits_split
-from fxmerge.data.digits import DigitsSplit
+from fxmerge.data.digits import DigitsSplit, stratified_indices
 
+# a "score" option with this value is replaced by the joint accuracy on the held-out validation images
+VALIDATION = "validation joint accuracy"
 # (label, method, options) of every merge in the table
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("average", "average", {}),
@@ -43,10 +49,13 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("act. align", "act_align", {}),
     ("ZipIt", "zipit", {}),
     ("W. Zip", "wzip", {}),
-    ("MuDSC align", "mudsc", {"matcher": "align"}),
-    ("MuDSC zip", "mudsc", {"matcher": "zip"}),
+    ("MuDSC (defaults)", "mudsc", {}),
+    ("MuDSC align", "mudsc", {"matcher": "align", "alpha": 0.5}),
+    ("MuDSC zip", "mudsc", {"matcher": "zip", "alpha": 0.5}),
+    ("MuDSC auto (val. score)", "mudsc", {"matcher": "zip", "alpha": "auto", "score": VALIDATION}),
+    ("MuDSC auto (proxy)", "mudsc", {"matcher": "zip", "alpha": "auto"}),
     ("act. align + REPAIR", "act_align", {"repair": True}),
-    ("MuDSC align + REPAIR", "mudsc", {"matcher": "align", "repair": True}),
+    ("MuDSC align + REPAIR", "mudsc", {"matcher": "align", "alpha": 0.5, "repair": True}),
     ("ZipIt + norm_repair", "zipit", {"post": ["norm_repair"]}),
     ("MuDSC zip + unit/norm_repair", "mudsc", {"matcher": "zip", "alpha": 0.5, "post": ["unit_repair", "norm_repair"]}),
 ]
@@ -56,6 +65,7 @@ METRICS = (("task_0", "task A"), ("task_1", "task B"), ("joint", "joint"))
 # widths (digits_common's width argument) where merging works; wider merges better (see --help)
 DEFAULT_WIDTHS = {"mlp": 128, "resnet_bn": 32, "resnet_gn": 64, "vit": 64}
 DEFAULT_SEEDS = (0, 1, 2)
+VAL_FRACTION = 0.2  # of the training images, per class, held out from training and merging
 
 Scores = dict[str, dict[str, float]]  # row -> metric -> accuracy in [0, 1]
 
@@ -70,6 +80,25 @@ class KindRun:
     scores: Scores
     train_s: float
     merge_s: dict[str, float] = field(default_factory=dict)
+    alpha: dict[str, dict[str, Any]] = field(default_factory=dict)  # alpha="auto" rows: report["alpha_selection"]
+
+
+def holdout(split: DigitsSplit, fraction: float = VAL_FRACTION) -> tuple[DigitsSplit, tuple[torch.Tensor, torch.Tensor]]:
+    """``split`` without a stratified ``fraction`` of its training images, and those (images, labels)."""
+    keep, val = stratified_indices(split.train_labels.numpy(), fraction, seed=0)
+    fit = dataclasses.replace(split, train_images=split.train_images[keep], train_labels=split.train_labels[keep])
+    return fit, (split.train_images[val], split.train_labels[val])
+
+
+def validation_score(val: tuple[torch.Tensor, torch.Tensor]) -> Callable[[nn.Module], float]:
+    """``score(model)``: 10-way (joint) accuracy on the held-out validation images (higher is better)."""
+    images, labels = val
+
+    @torch.no_grad()
+    def joint_accuracy(model: nn.Module) -> float:
+        return float((dc.logits(model.eval()(images)).argmax(dim=1) == labels).float().mean())
+
+    return joint_accuracy
 
 
 def train_pair(
@@ -83,20 +112,31 @@ def train_pair(
 
 
 def merge_all(
-    models: list[nn.Module], split: DigitsSplit, seed: int, methods: Sequence[tuple[str, str, dict]] = METHODS
-) -> tuple[Scores, dict[str, float]]:
-    """Scores and wall times of every merge of ``models`` (data: the unlabelled training images)."""
+    models: list[nn.Module],
+    split: DigitsSplit,
+    seed: int,
+    methods: Sequence[tuple[str, str, dict]] = METHODS,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Scores, dict[str, float], dict[str, dict[str, Any]]]:
+    """Scores, wall times and alpha selections of every merge of ``models`` (data: the unlabelled training
+    images; ``val``: the held-out images a ``score=VALIDATION`` option is computed on)."""
     data = split.loader("train", None, batch_size=64)
     example = (split.train_images[:2],)
-    scores, seconds = {}, {}
+    scores, seconds, alphas = {}, {}, {}
     for label, method, options in methods:
+        if options.get("score") == VALIDATION:
+            if val is None:
+                raise ValueError(f"{label}: score={VALIDATION!r} needs the held-out validation images (val=)")
+            options = {**options, "score": validation_score(val)}
         start = time.perf_counter()
         result = fxmerge.merge(
             models, method=method, data=data, example_inputs=example, seed=seed, progress=False, **options
         )
         seconds[label] = time.perf_counter() - start
         scores[label] = dc.evaluate(result.model, split)
-    return scores, seconds
+        if "alpha_selection" in result.report:
+            alphas[label] = result.report["alpha_selection"]
+    return scores, seconds, alphas
 
 
 def run_kind(
@@ -108,7 +148,9 @@ def run_kind(
     epochs: int | None = None,
     methods: Sequence[tuple[str, str, dict]] = METHODS,
 ) -> KindRun:
-    """Train the pair, score A, B and their ensemble, then merge with every method."""
+    """Train the pair on ``split`` less its held-out validation images, score A, B and their ensemble, then
+    merge with every method."""
+    split, val = holdout(split)
     start = time.perf_counter()
     models = train_pair(split, kind, width, seed, epochs)
     train_s = time.perf_counter() - start
@@ -117,9 +159,9 @@ def run_kind(
         "model B": dc.evaluate(models[1], split),
         "ensemble": dc.evaluate(dc.ensemble(models), split),
     }
-    merged, merge_s = merge_all(models, split, seed, methods)
+    merged, merge_s, alphas = merge_all(models, split, seed, methods, val)
     scores.update(merged)
-    return KindRun(kind, width, seed, scores, train_s, merge_s)
+    return KindRun(kind, width, seed, scores, train_s, merge_s, alphas)
 
 
 def summarize(runs: Sequence[KindRun]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -181,6 +223,15 @@ def _timing_line(runs: Sequence[KindRun]) -> str:
     return f"wall time, 1 thread: train (pair) {train:.1f} s; merge seconds: {merges}"
 
 
+def _alpha_line(runs: Sequence[KindRun]) -> str:
+    """The alpha each alpha="auto" row chose, per seed."""
+    rows = []
+    for label in runs[0].alpha:
+        chosen = " ".join(format(r.alpha[label]["chosen"], "g") for r in runs)
+        rows.append(f"{label} {chosen}")
+    return "alpha chosen per seed: " + "; ".join(rows) if rows else ""
+
+
 def _title(runs: Sequence[KindRun]) -> str:
     seeds = " ".join(str(r.seed) for r in runs)
     return f"{runs[0].kind}, width {runs[0].width}, seeds {seeds} (test accuracy %, mean ± std over seeds)"
@@ -192,7 +243,11 @@ def write_markdown(path: Path, by_kind: dict[str, list[KindRun]], command: str) 
         "",
         "Model A is trained on digits 0-4, model B on digits 5-9 (different initialisations). Task A / "
         "task B: 5-way accuracy on the test images of each half; joint: 10-way accuracy on all test "
-        "images. Ensemble: mean of the two models' normalised embeddings (2x the compute). Produced by",
+        "images. Ensemble: mean of the two models' normalised embeddings (2x the compute). A stratified "
+        f"{VAL_FRACTION:.0%} of the training images is held out from training and merging: MuDSC auto (val. "
+        "score) picks alpha by the merged model's joint accuracy there; MuDSC auto (proxy) picks it without "
+        "labels (agreement of the merged model's outputs with the parents'). Merges use the rest of the "
+        "training images, unlabelled. Produced by",
         "",
         f"    {command}",
         "",
@@ -204,6 +259,8 @@ def write_markdown(path: Path, by_kind: dict[str, list[KindRun]], command: str) 
             markdown_table(summarize(runs), len(runs)),
             "",
             _timing_line(runs),
+            "",
+            _alpha_line(runs),
             "",
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +339,23 @@ def write_outputs(out: Path, by_kind: dict[str, list[KindRun]], command: str) ->
     return paths
 
 
+def combine(paths: Sequence[Path]) -> dict[str, list[KindRun]]:
+    """The runs recorded in ``digits_merge.json`` files, by kind (in the order given)."""
+    by_kind: dict[str, list[KindRun]] = {}
+    for path in paths:
+        for kind, runs in json.loads(path.read_text()).items():
+            by_kind.setdefault(kind, []).extend(KindRun(**r) for r in runs)
+    return by_kind
+
+
+def _meta(path: Path) -> dict[str, str]:
+    """The command a ``digits_merge.json`` was produced by (from the markdown written next to it)."""
+    md = path.with_suffix(".md")
+    lines = md.read_text().splitlines() if md.exists() else []
+    cmd = next((line.strip() for line in lines if line.startswith("    python examples/digits_merge.py")), str(path))
+    return {"command": cmd}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -304,6 +378,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--epochs", type=int, default=None, help="override digits_common.RECIPES epochs (for smoke tests)"
     )
     p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="write the tables and plot from the digits_merge.json files of earlier runs (e.g. one process per "
+        "--kinds, run in parallel) instead of running anything",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("docs"),
@@ -318,8 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.width is not None and args.width < 1:
         raise SystemExit("--width must be >= 1")
     start = time.perf_counter()
-    by_kind = run(args.kinds, args.seeds, args.width, epochs=args.epochs)
     command = "python examples/digits_merge.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.combine:
+        by_kind = combine(args.combine)
+        runs = " & ".join(dict.fromkeys(_meta(path)["command"] for path in args.combine))
+        command = f"{runs} & wait; {command.strip()}"  # the runs combined (in parallel), then this command
+    else:
+        by_kind = run(args.kinds, args.seeds, args.width, epochs=args.epochs)
     for path in write_outputs(args.out, by_kind, command.strip()):
         print(f"wrote {path}")
     minutes = (time.perf_counter() - start) / 60

@@ -253,8 +253,8 @@ class MuDSC:
     :mod:`fxmerge.merge.select`). The choice and every grid point's score are in ``result.report["alpha_selection"]``.
     """
 
-    alpha: float | Literal["auto"] = 0.5
-    matcher: Literal["align", "zip"] = "align"
+    alpha: float | Literal["auto"] = 0.25
+    matcher: Literal["align", "zip"] = "zip"
     max_sweeps: Sweeps = 30
     patience: Sweeps = 5
     zip_alpha: Unit = 0.5

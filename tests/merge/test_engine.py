@@ -189,7 +189,8 @@ def test_weight_matching_stops_at_a_fixed_point_and_recovers_the_model() -> None
 
 def test_aligned_models_compute_their_inputs_and_interpolation_walks_between_them() -> None:
     a, b = _net(0), _net(1)
-    res = fxmerge.merge([a, b], method="mudsc", data=DATA, example_inputs=X, progress=False, reset_bn=False)
+    res = fxmerge.merge([a, b], method="mudsc", matcher="align", data=DATA, example_inputs=X, progress=False,
+                        reset_bn=False)
     al = res.aligned_models
     with torch.no_grad():
         for model, aligned in zip((a, b), al, strict=True):
