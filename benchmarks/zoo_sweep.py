@@ -1247,11 +1247,6 @@ def _ok(v: Any) -> str:
 # Diagnoses of rows that are not green, written by whoever investigated them (shown after the measured reason;
 # a row that turns green hides its note). Keep them to what was measured.
 DIAGNOSES: dict[str, str] = {
-    "timm/efficientvim": "units not distinguishable on the data: with these random weights the stage-2 activations "
-    "hardly depend on the input (std over samples ~1e-9; output spread 1e-4 of its scale at 64, 96 and 128 px), "
-    "so act_align's similarities tie at 1.0",
-    "timm/csatv2": "units not distinguishable on the data: the spatial-attention transformer has width 1, its "
-    "LayerNorm((1,)) outputs a constant, so the 4 hidden units of its MLP are constant and tie (similarity 1.0)",
     "timm/byoanet": "halonet_h1 builds only at its 256 px default (64, 96 and 112 px fail), so it runs with a "
     "1500 s limit (build, infer and verify ~135 s, act_align ~195 s, ONNX ~180 s on a loaded 2-core machine); "
     "the ONNX failure is torch.onnx's, not the merge's: the unmerged model exported by the dynamo exporter also "
