@@ -30,28 +30,12 @@ from torch import nn
 
 from fxmerge.capture.trace import eval_mode
 from fxmerge.errors import MergeInputError
-from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.batches import iter_inputs, model_device, to_device
 
 __all__ = ["DEFAULT_GRID", "PROXY_BATCHES", "OutputAgreement", "choose", "model_outputs"]
 
 DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 PROXY_BATCHES = 32  # batches of the merge data the proxy reads (max_batches, when set, is used instead)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _flat(out: Any, batch: int) -> torch.Tensor:
@@ -86,14 +70,14 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 @torch.no_grad()
 def model_outputs(model: nn.Module, data: Any, max_batches: int | None) -> list[torch.Tensor]:
     """The model's outputs (eval mode) on the first ``max_batches`` batches of ``data``, each ``[batch, features]``."""
-    device = _device(model)
+    device = model_device(model)
     outs = []
     with eval_mode(model):
         for i, (args, kwargs) in enumerate(iter_inputs(data)):
             if max_batches is not None and i >= max_batches:
                 break
             b = _batch_size(args, kwargs)
-            outs.append(_flat(model(*_to(args, device), **_to(kwargs, device)), b))
+            outs.append(_flat(model(*to_device(args, device), **to_device(kwargs, device)), b))
     if not outs:
         raise MergeInputError("the label-free alpha proxy got no data batches")
     return outs

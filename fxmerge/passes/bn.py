@@ -20,31 +20,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fxmerge.errors import MergeError
-from fxmerge.stats.batches import iter_inputs
+from fxmerge.stats.batches import iter_inputs, model_device, to_device
 from fxmerge.stats.moments import ChannelMoments
 
 __all__ = ["repair", "reset_bn_stats", "run_batches"]
 
 InputFn = Callable[[Any], tuple[tuple, dict]]
 _PROBE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _inputs(data: Any, input_fn: InputFn | None) -> Iterator[tuple[tuple, dict]]:
@@ -81,7 +63,7 @@ def run_batches(
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
         raise MergeError(f"num_batches must be None or an int >= 1, got {num_batches!r}.")
-    device = _model_device(model)
+    device = model_device(model)
     total = num_batches
     if total is None and hasattr(data, "__len__"):
         total = 1 if isinstance(data, (Tensor, Mapping)) else len(data)
@@ -91,7 +73,7 @@ def run_batches(
             if num_batches is not None and done >= num_batches:
                 break
             try:
-                model(*_to(args, device), **_to(kwargs, device))
+                model(*to_device(args, device), **to_device(kwargs, device))
             except Exception as e:  # a batch that does not fit the model: say so, not deep inside torch
                 raise MergeError(
                     f"{desc}: data batch {done} does not fit the model: {type(e).__name__}: {str(e)[:200]}"
@@ -166,12 +148,13 @@ def _probe_modules(model: nn.Module, probes: Sequence[str], label: str) -> dict[
     return out
 
 
-def _collect(
-    model: nn.Module, probes: Sequence[str], data: Any, run: dict[str, Any], label: str
-) -> tuple[dict[str, ChannelMoments], list[str]]:
-    """Per-unit output moments of every probe of ``model`` (eval mode) and the order the probes fired in."""
-    mods = _probe_modules(model, probes, label)
-    moments = {name: ChannelMoments(-1 if isinstance(mod, nn.Linear) else 1) for name, mod in mods.items()}
+def output_moments(
+    model: nn.Module, mods: Mapping[str, nn.Module], dims: Mapping[str, int], data: Any, run: dict[str, Any],
+    desc: str,
+) -> tuple[dict[str, ChannelMoments], list[str]]:  # fmt: skip
+    """Per-channel output moments of the modules ``mods`` of ``model`` (eval mode; channel axis ``dims[name]``)
+    on ``data``, and the order they first ran in (modules that never ran are absent from it)."""
+    moments = {name: ChannelMoments(dims[name]) for name in mods}
     order: list[str] = []
 
     def hook(name: str) -> Callable[..., None]:
@@ -186,11 +169,21 @@ def _collect(
     flags = _train_flags(model)
     model.eval()
     try:
-        run_batches(model, data, desc=f"REPAIR stats ({label})", **run)
+        run_batches(model, data, desc=desc, **run)
     finally:
         _restore(flags)
         for h in handles:
             h.remove()
+    return moments, order
+
+
+def _collect(
+    model: nn.Module, probes: Sequence[str], data: Any, run: dict[str, Any], label: str
+) -> tuple[dict[str, ChannelMoments], list[str]]:
+    """Per-unit output moments of every probe of ``model`` (eval mode) and the order the probes fired in."""
+    mods = _probe_modules(model, probes, label)
+    dims = {name: -1 if isinstance(mod, nn.Linear) else 1 for name, mod in mods.items()}
+    moments, order = output_moments(model, mods, dims, data, run, f"REPAIR stats ({label})")
     missing = [p for p in probes if p not in order]
     if missing:
         raise MergeError(f"probe(s) {missing} of {label} never ran on the data; check the module names.")

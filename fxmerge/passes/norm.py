@@ -20,14 +20,14 @@ module), so every module's statistics match their targets exactly even though th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fxmerge.errors import MergeError
-from fxmerge.passes.bn import _restore, _train_flags, run_batches
+from fxmerge.passes.bn import output_moments
 from fxmerge.passes.registry import PostContext, register_post_pass
 from fxmerge.stats.moments import ChannelMoments
 
@@ -61,26 +61,8 @@ def module_moments(
     """Per-channel output moments of the modules ``names`` of ``model`` (eval mode) on ``data`` and the order
     they first ran in. The channel axis is the last one for Linear/LayerNorm outputs, axis 1 otherwise."""
     mods = {name: model.get_submodule(name) for name in names}
-    moments = {name: ChannelMoments(_channel_dim(mod)) for name, mod in mods.items()}
-    order: list[str] = []
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(_mod: nn.Module, _inp: Any, out: Tensor) -> None:
-            if name not in order:
-                order.append(name)
-            moments[name].update(out)
-
-        return record
-
-    handles = [mod.register_forward_hook(hook(name)) for name, mod in mods.items()]
-    flags = _train_flags(model)
-    model.eval()
-    try:
-        run_batches(model, data, desc=f"statistics ({label})", **run)
-    finally:
-        _restore(flags)
-        for h in handles:
-            h.remove()
+    dims = {name: _channel_dim(mod) for name, mod in mods.items()}
+    moments, order = output_moments(model, mods, dims, data, run, f"statistics ({label})")
     missing = [n for n in names if n not in order]
     if missing:
         raise MergeError(f"module(s) {missing} of {label} never ran on the data")

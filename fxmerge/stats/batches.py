@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fxmerge.errors import MergeError
 
-__all__ = ["MAX_ROWS", "batch_inputs", "feature_rows", "iter_inputs"]
+__all__ = ["MAX_ROWS", "batch_inputs", "feature_rows", "iter_inputs", "model_device", "to_device"]
 
 
 def batch_inputs(batch: Any) -> tuple[tuple, dict]:
@@ -71,3 +71,23 @@ def feature_rows(t: torch.Tensor, axes: tuple, gen: torch.Generator, max_rows: i
     if f.shape[0] > max_rows:
         f = f[torch.randperm(f.shape[0], generator=gen)[:max_rows].to(f.device)]
     return f.to(torch.float64 if f.dtype == torch.float64 else torch.float32)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter, else first buffer (CPU for a model without tensors)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
