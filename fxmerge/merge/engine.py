@@ -83,7 +83,7 @@ def _match_groups(sim, sizes, g, blocks, opts: MatchOptions) -> Matching:
 def coordinate_descent(
     spaces: dict[Layout, Space],
     n: int,
-    sim_of: Callable[[Layout, Transforms], torch.Tensor],
+    sim_of: Callable[..., torch.Tensor],
     deps_of: Callable[[Layout], tuple[Layout, ...]],
     opts: MatchOptions,
     *,
@@ -93,11 +93,18 @@ def coordinate_descent(
     patience: int | None = None,
     progress: bool = False,
     keep_sims: int = 4096,
+    forward: bool = False,
 ) -> tuple[Transforms, SolveLog]:
     """Weight matching / MuDSC: revisit the space families in random order, re-solving each on ``sim_of(key,
     transforms)`` (which reads the neighbours' current transforms), until a full sweep changes no matching
     (Git Re-Basin's rule: a fixed point), ``max_sweeps``, or, with ``patience``, that many sweeps without an
     improvement of the mean matching value. Returns the best transforms seen (by that value).
+
+    ``forward``: the first sweep visits the families in the order of ``spaces`` (the spec's parameter order, data
+    flow for usual models) and solves each on ``sim_of(key, transforms, ready=solved)``: only the parts of the
+    similarity whose neighbours were already solved in this sweep (``ready``), not the ones still at their
+    initial transform, which would only add noise. A greedy forward pass, then the usual random sweeps (at
+    least one) from its result; its values are not compared with the full sweeps' for the best.
 
     Work is incremental: a family is re-solved only when a transform it depends on (``deps_of``) changed since
     it was last solved (the solve is deterministic, so the result would be the same); a matching whose
@@ -114,14 +121,17 @@ def coordinate_descent(
     deps = [tuple(d for k in fam for d in deps_of(k) if d not in own[i]) for i, fam in enumerate(groups)]
     seen: dict[int, tuple] = {}
     bar = tqdm(total=max_sweeps, desc="matching sweeps", disable=not progress, leave=False)
-    for _ in range(max_sweeps):
+    for sweep in range(max_sweeps):
         changed = 0
-        for i in torch.randperm(len(groups), generator=generator).tolist():
+        greedy = forward and sweep == 0
+        solved = {k for k in init if k not in spaces}  # pinned transforms count as solved
+        order = range(len(groups)) if greedy else torch.randperm(len(groups), generator=generator).tolist()
+        for i in order:
             stamp = tuple(tr.get(d) for d in deps[i])
             if i in seen and all(a is b for a, b in zip(seen[i], stamp, strict=True)):
                 continue  # nothing this family reads has moved: re-solving would return the same matchings
             keys = groups[i]
-            sims = {k: sim_of(k, tr) for k in keys}
+            sims = {k: sim_of(k, tr, ready=frozenset(solved)) if greedy else sim_of(k, tr) for k in keys}
             log.solves += 1
             for k, mt in solve_spaces(keys, spaces, sims, n, opts).items():
                 mt = mt.compact()
@@ -131,7 +141,9 @@ def coordinate_descent(
                 else:
                     tr[k] = mt
                     changed += 1
-            seen[i] = stamp
+            if not greedy or all(d in solved for d in deps[i]):  # a partial similarity must be redone
+                seen[i] = stamp
+            solved.update(keys)
             if sum(spaces[k].size for k in keys) >= 1024:  # large temporaries were freed: return them
                 release_freed_memory()
             last_sims.update({k: v.float() for k, v in sims.items() if v.shape[0] <= keep_sims})
@@ -141,6 +153,9 @@ def coordinate_descent(
         log.values.append(value)
         log.changed.append(changed)
         bar.update(1)
+        if greedy:  # partial similarities: a start, not a candidate (unless it is the only sweep)
+            best, log.sims = dict(tr), dict(last_sims)
+            continue
         if value > best_val + 1e-9:
             best, best_val, stale = dict(tr), value, 0
             log.sims = dict(last_sims)

@@ -144,20 +144,22 @@ class Problem:
         init: Transforms | None = None,
         max_sweeps: int = 30,
         patience: int | None = None,
+        forward: bool = False,
     ) -> Solution:
         """Coordinate descent on ``alpha * S_weight + (1 - alpha) * S_act`` (weights only where a space has no
         activation similarity), see :func:`fxmerge.merge.engine.coordinate_descent`."""
         ws = self.weights(kind, cross_only=opts.matcher != "zip")
         act = self.activations if alpha < 1.0 else {}
 
-        def sim_of(key: Layout, tr: Transforms) -> torch.Tensor:
-            s_w = ws(key, tr)
+        def sim_of(key: Layout, tr: Transforms, ready: frozenset[Layout] | None = None) -> torch.Tensor:
+            s_w = ws(key, tr, ready)
             s_a = act.get(key)
             return s_w if s_a is None else alpha * s_w + (1 - alpha) * s_a.to(s_w)
 
         tr, log = coordinate_descent(self.spaces, self.n, sim_of, ws.dependencies, opts,
                                      init=dict(init if init is not None else self.init), generator=self.generator,
-                                     max_sweeps=max_sweeps, patience=patience, progress=self.progress)  # fmt: skip
+                                     max_sweeps=max_sweeps, patience=patience, progress=self.progress,
+                                     forward=forward)  # fmt: skip
         return Solution(tr, log.sims, log)
 
 

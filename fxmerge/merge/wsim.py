@@ -201,20 +201,27 @@ class WeightSimilarity:
             st.offsets = [(s / max(total, 1)).float() for s in sums]
         return st.offsets
 
-    def __call__(self, key: Layout, tr: Transforms) -> torch.Tensor:
+    def __call__(self, key: Layout, tr: Transforms, ready: frozenset[Layout] | None = None) -> torch.Tensor:
         """The [O, O] similarity of ``key``'s units under the current transforms ``tr`` (on the CPU; float64, or
-        float32 with zero within-model blocks when ``cross_only``)."""
+        float32 with zero within-model blocks when ``cross_only``).
+
+        ``ready``: read only the slots whose neighbour spaces are all in it (slots without neighbours always),
+        every slot when none qualifies; ``None`` reads every slot."""
         st = self._state[key]
         offsets = self._offsets(key, tr)
+        groups = list(enumerate(st.groups))
+        if ready is not None:
+            usable = [(gi, g) for gi, g in groups if all(d in ready for d in g.deps)]
+            groups = usable or groups
         parts = []
-        for gi, g in enumerate(st.groups):
+        for gi, g in groups:
             c = st.cache.get(gi)
             if c is None or any(a is not tr.get(d) for a, d in zip(c.stamp, g.deps, strict=True)):
                 c = self._contribution(key, g, tr, offsets)
                 if st.cached:
                     st.cache[gi] = c
             parts.append(c)
-        total = sum(g.width for g in st.groups)
+        total = sum(g.width for _, g in groups)
         return self._assemble(key, parts, total, offsets)
 
     def _assemble(self, key: Layout, parts: list[_Contribution], total: int, offsets) -> torch.Tensor:
