@@ -75,6 +75,8 @@ DATA_METHODS = {"act_align", "zipit", "mudsc"}
 TOOLS = ("fxmerge", "rebasin")
 PEER = "rebasin"  # the PyPI package (weight matching only)
 PEER_MODELS = (*SHARED, "tiny_cnn")
+# runs at their own settings, for the issue's targets table (not part of the per-method table)
+TARGET_RUNS = ({"model": "resnet50", "method": "mudsc", "threads": 2, "batch": 32, "batches": 8, "image_size": 64},)
 
 # --------------------------------------------------------------------------------------------- the task
 
@@ -95,6 +97,7 @@ class Task:
     eval_batches: int = 2  # recovery check
     dtype: str = "float32"
     seed: int = 0
+    target: bool = False  # one of TARGET_RUNS (its own threads and data), reported in the targets table
 
     @property
     def label(self) -> str:
@@ -236,6 +239,22 @@ def sweep_bound(spec: Any, model: Any) -> tuple[float, int]:
     return total, len(spaces)
 
 
+def statistics_bytes(spec: Any, method: str, itemsize: int, n: int = 2) -> int:
+    """The bytes of the per-space matrices a merge holds by design: the activation correlations over the stacked
+    units of the ``n`` models (methods with data, spaces with probe points, in the models' precision), or the
+    final weight similarities kept for the report (weight matching: float32, spaces of at most 4096 stacked
+    units); none for ``average``. The memory target is 4x the input models' bytes plus these."""
+    from fxmerge.merge.features import probe_slices
+    from fxmerge.merge.spaces import find_spaces
+
+    spaces, _ = find_spaces(spec)
+    if method in DATA_METHODS:
+        return sum((n * spaces[k].size) ** 2 * itemsize for k in probe_slices(spec, spaces))
+    if method == "average":
+        return 0
+    return sum((n * sp.size) ** 2 * 4 for sp in spaces.values() if n * sp.size <= 4096)
+
+
 # -------------------------------------------------------------------------------------------- memory
 
 
@@ -340,6 +359,7 @@ def _run(task: Task, rec: dict[str, Any], save: Callable[[dict[str, Any]], None]
     carried = [g.id for g in spec.groups if g.id not in stuck]
     rec["groups"], rec["identity_groups"] = len(spec), len(stuck)
     rec["bound_madds"], rec["spaces"] = sweep_bound(spec, a)
+    rec["stats_bytes"] = statistics_bytes(spec, task.method, 8 if task.dtype == "float64" else 4)
     b = spec.apply(a, spec.random_perms(torch.Generator().manual_seed(task.seed + 2), carried))
     gen = torch.Generator().manual_seed(task.seed + 3)
     data = [make_batch(gen) for _ in range(task.batches)] if task.method in DATA_METHODS else []
@@ -490,8 +510,11 @@ def matmul_throughput(threads: int, quick: bool = False) -> float:
     return c * c * d / max(best, 1e-9)
 
 
-def plan(models: Sequence[str], methods: Sequence[str], tools: Sequence[str], base: Task) -> list[Task]:
-    """Runs in order: per model, each method by fxmerge, and the peer right after fxmerge's rebasin."""
+def plan(
+    models: Sequence[str], methods: Sequence[str], tools: Sequence[str], base: Task, targets: bool = False
+) -> list[Task]:
+    """Runs in order: per model, each method by fxmerge, and the peer right after fxmerge's rebasin; then, with
+    ``targets``, the :data:`TARGET_RUNS` at their own settings."""
     tasks = []
     for model in models:
         for method in methods:
@@ -499,6 +522,8 @@ def plan(models: Sequence[str], methods: Sequence[str], tools: Sequence[str], ba
                 if tool == PEER and (method != "rebasin" or model not in PEER_MODELS):
                     continue
                 tasks.append(Task(**{**asdict(base), "model": model, "tool": tool, "method": method}))
+    if targets:
+        tasks += [Task(**{**asdict(base), "tool": "fxmerge", **run, "target": True}) for run in TARGET_RUNS]
     return tasks
 
 
@@ -514,6 +539,7 @@ def bench(
     isolate: bool = True,
     log: Callable[[str], None] = print,
     on_record: Callable[[list[dict[str, Any]], float], None] | None = None,
+    targets: bool = False,
     **task_options: Any,
 ) -> tuple[list[dict[str, Any]], float]:
     """Run every planned task; returns the records and the measured matmul throughput (multiply-adds/s)."""
@@ -526,7 +552,7 @@ def bench(
     log(f"float32 matmul, {threads} thread(s): {throughput / 1e9:.1f} G multiply-adds/s")
     records: list[dict[str, Any]] = []
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    for task in plan(models, methods, tools, base):
+    for task in plan(models, methods, tools, base, targets):
         log(f"  {task.label} ...")
         rec = run_isolated(task, timeout, mem_limit_gb) if isolate else run_task(task)
         rec["load_before"] = load
@@ -567,6 +593,7 @@ METHOD_COLUMNS = [
     "cpu s",
     "peak MB",
     "peak / model bytes",
+    "statistics MB",
     "err",
     "sweeps",
     "sweep bound s",
@@ -696,7 +723,7 @@ def method_table(records: list[dict[str, Any]], throughput: float) -> list[str]:
     lines = [_row(METHOD_COLUMNS), _row(["---"] * len(METHOD_COLUMNS))]
     for r in records:
         t = r["task"]
-        if t["tool"] != "fxmerge":
+        if t["tool"] != "fxmerge" or t.get("target"):
             continue
         ok = r.get("status") == "ok"
         ratio = (
@@ -715,6 +742,7 @@ def method_table(records: list[dict[str, Any]], throughput: float) -> list[str]:
                     _s(r.get("cpu_s")) if ok else "-",
                     _mb(r.get("peak_above_bytes")) if ok else "-",
                     ratio,
+                    _mb(r.get("stats_bytes")) if r.get("stats_bytes") is not None else "-",
                     _err(r.get("recovery")) if ok else "-",
                     str(r.get("sweeps")) if ok and r.get("sweeps") is not None else "-",
                     _s(_bound_s(r, throughput)) if weight else "-",
@@ -726,8 +754,74 @@ def method_table(records: list[dict[str, Any]], throughput: float) -> list[str]:
     return lines
 
 
+def _criterion(what: str, rec: dict[str, Any] | None, value: Callable[[dict[str, Any]], float | None],
+               limit: float, fmt: Callable[[float], str], at_least: bool = False) -> list[str]:  # fmt: skip
+    """One targets row: ``what``, the measured value, the limit and whether it is met."""
+    if rec is None:
+        return [what, "not run", fmt(limit), "-"]
+    v = value(rec) if rec.get("status") == "ok" else None
+    if v is None:
+        return [what, _status_text(rec), fmt(limit), "no"]
+    met = v >= limit if at_least else v <= limit
+    return [what, fmt(v), ("≥ " if at_least else "≤ ") + fmt(limit), "yes" if met else "**no**"]
+
+
+def _memory_ratio(rec: dict[str, Any]) -> float | None:
+    """Peak memory above the inputs over the budget ``4 x model bytes + statistics bytes``."""
+    peak, model, stats = rec.get("peak_above_bytes"), rec.get("model_bytes"), rec.get("stats_bytes")
+    if peak is None or not model or stats is None:
+        return None
+    return peak / (4 * model + stats)
+
+
+def targets_table(records: list[dict[str, Any]]) -> list[str]:
+    """The one-merge-engine issue's speed and memory targets, measured in this run (rows for what ran)."""
+    rows = []
+    for model in SHARED:
+        f, p = _by(records, model, "fxmerge", "rebasin"), _by(records, model, PEER, "rebasin")
+        if f is not None and p is not None and p.get("status") == "ok":
+            rows.append(_criterion(f"{model}: weight matching speed-up over the peer", f,
+                                   lambda r, p=p: _basis(p) / _basis(r) if _basis(r) else None, 3.0,
+                                   lambda v: f"{v:.2f}x", at_least=True))  # fmt: skip
+        if f is not None:
+            rows.append(_criterion(f"{model}: weight matching recovers A (err)", f, lambda r: r.get("recovery"),
+                                   1e-4, lambda v: f"{v:.1e}"))  # fmt: skip
+    for model in ("densenet121", "convnext_tiny"):
+        f = _by(records, model, "fxmerge", "rebasin")
+        if f is not None:
+            rows.append(_criterion(f"{model}: weight matching time (1 thread, cpu s)", f, _basis, 20.0,
+                                   lambda v: f"{v:.1f} s"))  # fmt: skip
+    for r in records:
+        t = r["task"]
+        if t["tool"] == "fxmerge" and t["method"] == "average" and (r.get("params") or 0) <= 30e6:
+            rows.append(_criterion(f"{t['model']}: average time", r, _basis, 1.0, lambda v: f"{v:.2f} s"))
+    for r in records:
+        t = r["task"]
+        if t["tool"] == "fxmerge":
+            rows.append(_criterion(f"{t['model']}: {t['method']} peak memory / (4 x model bytes + statistics)", r,
+                                   _memory_ratio, 1.0, lambda v: f"{v:.2f}"))  # fmt: skip
+    vit = _by(records, "vit_b_16", "fxmerge", "rebasin")
+    if vit is not None:
+        rows.append(_criterion("vit_b_16: weight matching peak above the two models", vit,
+                               lambda r: (r.get("peak_above_bytes") or 0) / 2**30, 2.0,
+                               lambda v: f"{v:.2f} GB"))  # fmt: skip
+    for r in records:
+        t = r["task"]
+        if t.get("target"):
+            what = (f"{t['model']}: {t['method']} with {t['batches']} batches of {t['batch']} at {t['image_size']} px, "
+                    f"{t['threads']} threads (wall s)")  # fmt: skip
+            rows.append(_criterion(what, r, lambda r: r.get("time_s"), 60.0, lambda v: f"{v:.1f} s"))
+    if not rows:
+        return []
+    cols = ["target", "measured", "limit", "met"]
+    return [_row(cols), _row(["---"] * len(cols)), *(_row(c) for c in rows)]
+
+
 def tables(records: list[dict[str, Any]], throughput: float) -> str:
     out = []
+    targets = targets_table(records)
+    if targets:
+        out += ["## Targets (measured in this run)", "", *targets, ""]
     if any(r["task"]["tool"] == PEER for r in records):
         out += [
             "## Weight matching: fxmerge vs the `rebasin` package",
@@ -838,7 +932,10 @@ def report(
         "Columns: **s** is the wall time of the merge call (the peer: tracing + coordinate descent + "
         "averaging) and **cpu s** its CPU time; **peer / fxmerge** and **% of bound** use the CPU time when "
         "each tool has one thread (robust to other work on a shared machine; wall time otherwise); **peak MB** the peak resident memory of the merge above the two loaded models and the "
-        "data; **peak / model bytes** that peak over the bytes of the two input models; **err** the recovery "
+        "data; **peak / model bytes** that peak over the bytes of the two input models; **statistics MB** the "
+        "per-space matrices the method holds by design (activation correlations over both models' units for "
+        "the methods with data; the final weight similarities kept for the report for weight matching), so "
+        "the memory target reads peak <= 4 x model bytes + statistics; **err** the recovery "
         "error `max|merged(x) - A(x)| / max(1, max|A(x)|)` (a correct merge of a permuted copy is A, so this is "
         "rounding only); **peer B' vs B** how far the peer's aligned B moved from B's own function (a valid "
         "permutation keeps it at rounding); **sweep bound s** the time of the cross-block multiply-adds of ONE "
@@ -894,6 +991,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", type=Path, help="only rewrite the page from records saved with --json")
     p.add_argument("--note", default="", help="free text for the report header (e.g. which engine)")
     p.add_argument("--in-process", action="store_true", help="no child processes (debugging; no limits)")
+    p.add_argument("--targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the target runs at their own settings (mudsc on resnet50, 2 threads, 8 batches "
+                        "of 32 at 64 px); default: on for the full run (no --models, no --quick)")  # fmt: skip
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -944,6 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
         isolate=not args.in_process,
         log=lambda msg: print(msg, flush=True),
         on_record=save,
+        targets=args.targets if args.targets is not None else not (args.models or args.quick),
         dtype=args.dtype,
         image_size=args.image_size,
         seq_len=args.seq_len,

@@ -73,7 +73,8 @@ class WeightSimilarity:
         kind: ``"corr"`` or ``"dot"``.
         cross_only: compute only the blocks against model 0 (alignment matchers).
         device: where the products run (default: where model 0's tensors live).
-        cache_bytes: total size of cached contributions.
+        cache_bytes: total size of cached contributions (default: the models' tensor bytes, at most 1 GiB, so a
+            merge's peak memory stays a small multiple of its inputs).
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class WeightSimilarity:
         kind: str,
         cross_only: bool,
         device: torch.device | str | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
     ) -> None:
         if kind not in ("corr", "dot"):
             raise ValueError(f"kind must be 'corr' or 'dot', got {kind!r}")
@@ -96,6 +97,9 @@ class WeightSimilarity:
             torch.device(device) if device is not None else (first.device if first is not None else None)
         )
         self.states = states
+        if cache_bytes is None:
+            inputs = sum(t.numel() * t.element_size() for st in states for t in st.values())
+            cache_bytes = min(DEFAULT_CACHE_BYTES, inputs)
         self._budget = cache_bytes
         self._params: dict[tuple[int, str], torch.Tensor] = {}
         self._state = {k: _SpaceState(self._groups(k, sp)) for k, sp in spaces.items()}
@@ -231,7 +235,10 @@ class WeightSimilarity:
         # alignment reads only the cross blocks (converted to float64 per block by the Hungarian): float32 [O, O]
         # halves the matrix; zipping gets float64 as before
         dtype = torch.float32 if self.cross_only else torch.float64
-        sim = torch.zeros(o, o, dtype=dtype)
+        sim = torch.empty(o, o, dtype=dtype)
+        if self.cross_only:  # the blocks not written below (model 0's own, among models 1..N-1) are 0
+            sim[:size, :size] = 0
+            sim[size:, size:] = 0
         dots = {p: _total([c.dots[p] for c in parts]).to(device="cpu", dtype=torch.float64 if self.kind == "corr"
                                                             else dtype) for p in self._pairs()}  # fmt: skip
         if self.kind == "dot":
@@ -253,12 +260,12 @@ class WeightSimilarity:
         return _symmetric_blocks(sim, size, n, self.cross_only)
 
     def cosine(self, key: Layout, sim: torch.Tensor) -> torch.Tensor:
-        """A ``"dot"`` similarity of ``key`` (its last evaluation) as cosines: the same matching on a readable
-        scale, for reports."""
+        """A ``"dot"`` similarity of ``key`` (its last evaluation) turned into cosines in place: the same matching
+        on a readable scale, for reports."""
         if self.kind != "dot" or key not in self._norms:
             return sim
-        norm = torch.cat(self._norms[key]).to(sim).clamp_min(1e-30)
-        return sim / norm[:, None] / norm[None, :]
+        inv = torch.cat(self._norms[key]).to(sim).clamp_min(1e-30).reciprocal_()
+        return sim.mul_(inv[:, None]).mul_(inv[None, :])
 
 
 def _total(parts: list[torch.Tensor]) -> torch.Tensor:

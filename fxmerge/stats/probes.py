@@ -57,7 +57,9 @@ class _Points:
         self.lo: list[Tensor | None] = [None] * n_points
         self.hi: list[Tensor | None] = [None] * n_points
         self._mean: list[Tensor | None] | None = None  # global per-point means
-        self._correction: Tensor | None = None  # sum over processes and points of the re-centring terms
+        # the re-centring terms: (S_j, d_j, n_j) per point, or (distributed) their matrix summed over processes
+        self._terms: list[tuple[Tensor, Tensor, int]] = []
+        self._correction: Tensor | None = None
         self.last_range: tuple[Tensor, Tensor] = (torch.zeros(0), torch.zeros(0))  # of the latest centre() call
 
     def centre(self, j: int, x: Tensor) -> Tensor:
@@ -106,37 +108,42 @@ class _Points:
                 self.count[j] = int(count.item())
             self.lo[j], self.hi[j] = (lo, hi) if self.count[j] else (None, None)
         self._mean = [raw[j] / self.count[j] if self.count[j] else None for j in range(len(n_local))]
-        corr = torch.zeros(size, size, **kw)
-        for j, n in enumerate(n_local):
-            if n:
-                d = shifts[j] - self._mean[j]  # type: ignore[operator]
-                corr.addr_(s_local[j], d).addr_(d, s_local[j]).addr_(d, d, alpha=float(n))
-        if distributed:
+        self._terms = [(s_local[j], shifts[j] - self._mean[j], n) for j, n in enumerate(n_local) if n]  # type: ignore[operator]
+        self._correction = None
+        if distributed:  # every process has its own terms: sum their matrix
+            corr = torch.zeros(size, size, **kw)
+            for s_j, d, n in self._terms:
+                corr.addr_(s_j, d).addr_(d, s_j).addr_(d, d, alpha=float(n))
             dist.all_reduce(corr)
-        self._correction = corr
+            self._correction, self._terms = corr, []
 
     def correlation(self, acc: CorrelationAccumulator) -> Tensor:
         """Pearson correlation [D, D] of the features centred per point (``acc`` holds the shifted rows; call
         :meth:`reduce` first).
 
-        Within-point second moment ``W = (sum y y^T + correction) / N`` over the shifted rows ``y``. A unit
-        constant at every point gets 0 against every other unit and, between two constant units with per-point
-        values ``a``, ``b``, ``1 - sum|a - b| / sum(|a| + |b|)`` (1 for equal values)."""
-        assert self._mean is not None and self._correction is not None
+        Within-point second moment ``W = (sum y y^T + correction) / N`` over the shifted rows ``y``, computed in
+        float64 in one [D, D] buffer on the accumulator's device. A unit constant at every point gets 0 against
+        every other unit and, between two constant units with per-point values ``a``, ``b``,
+        ``1 - sum|a - b| / sum(|a| + |b|)`` (1 for equal values)."""
+        assert self._mean is not None
         seen = [j for j, n in enumerate(self.count) if n > 0]
-        stacked = acc.covariance()
-        mean_y = acc.mean().to("cpu", torch.float64)
-        cov = stacked.to("cpu", torch.float64).addr_(mean_y, mean_y)
-        cov.add_(self._correction.cpu(), alpha=1.0 / acc.count)
-        means = torch.stack([self._mean[j].cpu() for j in seen])  # type: ignore[union-attr]
-        lo = torch.stack([self.lo[j].cpu() for j in seen])  # type: ignore[union-attr]
-        hi = torch.stack([self.hi[j].cpu() for j in seen])  # type: ignore[union-attr]
+        _, cov = acc.raw_second_moment(torch.float64)
+        inv = 1.0 / acc.count
+        for s_j, d, n in self._terms:
+            s_j, d = s_j.to(cov.device), d.to(cov.device)
+            cov.addr_(s_j, d, alpha=inv).addr_(d, s_j, alpha=inv).addr_(d, d, alpha=n * inv)
+        if self._correction is not None:
+            cov.add_(self._correction.to(cov.device), alpha=inv)
+        dev = cov.device
+        means = torch.stack([self._mean[j].to(dev) for j in seen])  # type: ignore[union-attr]
+        lo = torch.stack([self.lo[j].to(dev) for j in seen])  # type: ignore[union-attr]
+        hi = torch.stack([self.hi[j].to(dev) for j in seen])  # type: ignore[union-attr]
         scale = torch.maximum(lo.abs(), hi.abs())
         eps = torch.finfo(acc.dtype).eps
         var = cov.diagonal().clone()
         constant = ((hi - lo) <= 16 * eps * scale).all(dim=0) | (var <= (eps * scale.amax(dim=0)) ** 2)
         std = torch.where(constant, torch.ones_like(var), var.clamp_min(0.0).sqrt())
-        corr = cov / torch.outer(std, std)
+        corr = cov.div_(std[:, None]).div_(std[None, :])  # in place: no second [D, D] matrix
         corr[constant, :] = 0.0
         corr[:, constant] = 0.0
         corr.clamp_(-1.0, 1.0)
@@ -149,7 +156,7 @@ class _Points:
             sim = torch.where(both > 0, 1.0 - diff / both.clamp_min(1e-300), torch.ones_like(both))
             corr[idx[:, None], idx[None, :]] = sim
         corr.fill_diagonal_(1.0)
-        return corr.to(device=stacked.device, dtype=stacked.dtype)
+        return corr.to(dtype=acc.dtype)
 
 
 class SpaceStatistics:
@@ -214,7 +221,9 @@ class SpaceStatistics:
 
     def correlations(self) -> dict[Hashable, Tensor]:
         """Per space with at least two samples: the pooled within-point Pearson correlation [D, D] of the
-        concatenated units (all-reduced across processes when ``torch.distributed`` is initialised)."""
+        concatenated units (all-reduced across processes when ``torch.distributed`` is initialised), in the
+        accumulation dtype. Each space's accumulator is freed once its correlation is computed (call once), so
+        the peak is the statistics plus one float64 [D, D] work matrix."""
         out = {}
         dtype = next((acc.dtype for acc in self.accs.values()), torch.float64)
         for k in self.probes:  # every space, in one order on every process (all-reduce pairs them up)
@@ -223,6 +232,8 @@ class SpaceStatistics:
             self.points[k].reduce(acc.total, acc.device)
             if acc.count > 1:
                 out[k] = self.points[k].correlation(acc)
+            acc.release()
+            self.points[k] = _Points(len(self.probes[k]))
         return out
 
 

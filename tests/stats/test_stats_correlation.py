@@ -151,3 +151,21 @@ def test_rank_k_update_both_paths(dtype: torch.dtype, monkeypatch: pytest.Monkey
     corr_mod._rank_k_update(blocked, wide[:, ::2], corr_mod._bounds(1200))
     assert len(corr_mod._bounds(1200)) == 5  # four block rows
     torch.testing.assert_close(torch.tril(blocked), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_raw_second_moment_is_the_full_symmetric_product(dtype: torch.dtype) -> None:
+    """D = 1500 crosses the 1024-row mirroring blocks; the result equals sum (x - shift)(x - shift)^T / n."""
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(300, 700, generator=gen, dtype=dtype), torch.randn(300, 800, generator=gen, dtype=dtype)]
+    acc = CorrelationAccumulator([700, 800], dtype=dtype)
+    acc.update(feats)
+    mean_y, m = acc.raw_second_moment()
+    y = torch.cat(feats, dim=1).double() - acc._shift.double()
+    assert m.dtype == torch.float64 and torch.equal(m, m.T)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(m, y.T @ y / 300, rtol=0, atol=tol)
+    torch.testing.assert_close(mean_y, y.mean(dim=0), rtol=0, atol=tol)
+    acc.release()
+    with pytest.raises(MergeError, match="no samples"):
+        acc.raw_second_moment()
