@@ -46,6 +46,7 @@ VALIDATION = "validation joint accuracy"
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("average", "average", {}),
     ("Git Re-Basin", "rebasin", {}),
+    ("Git Re-Basin (identity start)", "rebasin", {"start": "identity"}),
     ("act. align", "act_align", {}),
     ("ZipIt", "zipit", {}),
     ("W. Zip", "wzip", {}),
@@ -378,6 +379,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--epochs", type=int, default=None, help="override digits_common.RECIPES epochs (for smoke tests)"
     )
     p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="merge only these rows of the table (labels as printed, e.g. 'Git Re-Basin' 'ZipIt'); default: all",
+    )
+    p.add_argument(
         "--combine",
         nargs="+",
         type=Path,
@@ -407,7 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = " & ".join(dict.fromkeys(_meta(path)["command"] for path in args.combine))
         command = f"{runs} & wait; {command.strip()}"  # the runs combined (in parallel), then this command
     else:
-        by_kind = run(args.kinds, args.seeds, args.width, epochs=args.epochs)
+        methods = METHODS
+        if args.rows:
+            unknown = [r for r in args.rows if r not in {label for label, _, _ in METHODS}]
+            if unknown:
+                raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {[m[0] for m in METHODS]}")
+            methods = [m for m in METHODS if m[0] in args.rows]
+        by_kind = run(args.kinds, args.seeds, args.width, epochs=args.epochs, methods=methods)
     for path in write_outputs(args.out, by_kind, command.strip()):
         print(f"wrote {path}")
     minutes = (time.perf_counter() - start) / 60

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +10,7 @@ from tqdm.auto import tqdm
 
 from fxmerge.ir.layout import Layout
 from fxmerge.match import Matching, align, align_groups, assign_blocks, block_scores, zip_groups, zip_match
+from fxmerge.memory import release_freed_memory
 from fxmerge.merge.spaces import Space, families, is_simple
 from fxmerge.merge.structured import solve_family
 from fxmerge.merge.transform import Transforms, identity_matching
@@ -93,6 +92,7 @@ def coordinate_descent(
     patience: int | None = None,
     progress: bool = False,
     keep_sims: int = 4096,
+    keep_dtype: torch.dtype = torch.float32,
     forward: bool = False,
 ) -> tuple[Transforms, SolveLog]:
     """Weight matching / MuDSC: revisit the space families in random order, re-solving each on ``sim_of(key,
@@ -109,7 +109,8 @@ def coordinate_descent(
     Work is incremental: a family is re-solved only when a transform it depends on (``deps_of``) changed since
     it was last solved (the solve is deterministic, so the result would be the same); a matching whose
     assignment did not change keeps its object, so neighbours' cached similarity parts stay valid. The final
-    similarity of spaces of at most ``keep_sims`` stacked units is kept (float32) for the report.
+    similarity of spaces of at most ``keep_sims`` stacked units is kept in ``keep_dtype`` for the report (float16
+    suits correlations, which lie in [-1, 1]: half the memory of a second copy of the statistics).
     """
     tr = dict(init)
     best, best_val = dict(tr), -float("inf")
@@ -146,7 +147,7 @@ def coordinate_descent(
             solved.update(keys)
             if sum(spaces[k].size for k in keys) >= 1024:  # large temporaries were freed: return them
                 release_freed_memory()
-            last_sims.update({k: v.float() for k, v in sims.items() if v.shape[0] <= keep_sims})
+            last_sims.update({k: v.to(keep_dtype) for k, v in sims.items() if v.shape[0] <= keep_sims})
         release_freed_memory()
         value = sum(tr[k].value for k in spaces) / max(len(spaces), 1)
         log.sweeps += 1
@@ -167,22 +168,6 @@ def coordinate_descent(
     if not log.sims:
         log.sims = dict(last_sims)
     return best, log
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the sweep's temporaries back to the OS (glibc keeps freed blocks below its mmap
-    threshold in the heap, so a process's RSS would otherwise stay at the sum of every sweep's temporaries)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        return None
 
 
 def identity_transforms(spaces: dict[Layout, Space], n: int) -> Transforms:

@@ -152,14 +152,15 @@ class Problem:
         act = self.activations if alpha < 1.0 else {}
 
         def sim_of(key: Layout, tr: Transforms, ready: frozenset[Layout] | None = None) -> torch.Tensor:
-            s_w = ws(key, tr, ready)
+            s_w = ws(key, tr, ready)  # a fresh matrix: combined in place (same rounding as alpha*s_w + (1-alpha)*s_a)
             s_a = act.get(key)
-            return s_w if s_a is None else alpha * s_w + (1 - alpha) * s_a.to(s_w)
+            return s_w if s_a is None else s_w.mul_(alpha).add_(s_a.to(s_w) * (1 - alpha))
 
         tr, log = coordinate_descent(self.spaces, self.n, sim_of, ws.dependencies, opts,
                                      init=dict(init if init is not None else self.init), generator=self.generator,
                                      max_sweeps=max_sweeps, patience=patience, progress=self.progress,
-                                     forward=forward)  # fmt: skip
+                                     forward=forward,
+                                     keep_dtype=torch.float16 if kind == "corr" else torch.float32)  # fmt: skip
         return Solution(tr, log.sims, log)
 
 

@@ -20,7 +20,7 @@ class SpaceDetail:
     size: int
     n_blocks: int
     members: list[str]
-    similarity: torch.Tensor  # [N*C, N*C], the matrix the final matching was solved on
+    similarity: torch.Tensor  # [N*C, N*C], the matrix the final matching was solved on (float16 for correlations)
     matching: Matching
     before: float  # mean cross-model similarity (on ``similarity``) of the units paired by the identity
     after: float  # the same for the units the matching merged
@@ -81,6 +81,8 @@ def identity_pairs(size: int, n: int) -> torch.Tensor:
 
 def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: int) -> SpaceDetail:
     members = [f"{s.param}[{s.axis}]" for s in space.slots[:6]]
+    wide = sim.detach().cpu()
+    wide = wide if wide.dtype in (torch.float32, torch.float64) else wide.float()  # sums in float32 at least
     return SpaceDetail(
         name=space_name(key),
         groups=sorted(space.groups),
@@ -89,6 +91,6 @@ def space_detail(key: Layout, space: Space, sim: torch.Tensor, mt: Matching, n: 
         members=members,
         similarity=sim.detach().cpu(),
         matching=mt,
-        before=matched_similarity(sim.cpu(), identity_pairs(space.size, n)),
-        after=matched_similarity(sim.cpu(), torch.cat([mt.assignment(m).cpu() for m in range(n)])),
+        before=matched_similarity(wide, identity_pairs(space.size, n)),
+        after=matched_similarity(wide, torch.cat([mt.assignment(m).cpu() for m in range(n)])),
     )

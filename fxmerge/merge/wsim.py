@@ -73,7 +73,7 @@ class WeightSimilarity:
         kind: ``"corr"`` or ``"dot"``.
         cross_only: compute only the blocks against model 0 (alignment matchers).
         device: where the products run (default: where model 0's tensors live).
-        cache_bytes: total size of cached contributions (default: the models' tensor bytes, at most 1 GiB, so a
+        cache_bytes: total size of cached contributions (default: a quarter of the models' tensor bytes, at most 1 GiB, so a
             merge's peak memory stays a small multiple of its inputs).
     """
 
@@ -99,7 +99,7 @@ class WeightSimilarity:
         self.states = states
         if cache_bytes is None:
             inputs = sum(t.numel() * t.element_size() for st in states for t in st.values())
-            cache_bytes = min(DEFAULT_CACHE_BYTES, inputs)
+            cache_bytes = min(DEFAULT_CACHE_BYTES, inputs // 4)
         self._budget = cache_bytes
         self._params: dict[tuple[int, str], torch.Tensor] = {}
         self._state = {k: _SpaceState(self._groups(k, sp)) for k, sp in spaces.items()}

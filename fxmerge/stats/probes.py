@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fxmerge.errors import MergeError
+from fxmerge.memory import release_freed_memory
 from fxmerge.stats.batches import feature_rows
 from fxmerge.stats.correlation import CorrelationAccumulator
 
@@ -234,6 +235,9 @@ class SpaceStatistics:
                 out[k] = self.points[k].correlation(acc)
             acc.release()
             self.points[k] = _Points(len(self.probes[k]))
+            if acc.total >= 256:  # an accumulator and a work matrix were freed: return them
+                release_freed_memory()
+        release_freed_memory()
         return out
 
 
