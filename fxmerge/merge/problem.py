@@ -154,7 +154,10 @@ class Problem:
         def sim_of(key: Layout, tr: Transforms, ready: frozenset[Layout] | None = None) -> torch.Tensor:
             s_w = ws(key, tr, ready)  # a fresh matrix: combined in place (same rounding as alpha*s_w + (1-alpha)*s_a)
             s_a = act.get(key)
-            return s_w if s_a is None else s_w.mul_(alpha).add_(s_a.to(s_w) * (1 - alpha))
+            if s_a is None:
+                return s_w
+            scaled = s_a.to(s_w, copy=True).mul_(1 - alpha)
+            return s_w.mul_(alpha).add_(scaled)
 
         tr, log = coordinate_descent(self.spaces, self.n, sim_of, ws.dependencies, opts,
                                      init=dict(init if init is not None else self.init), generator=self.generator,

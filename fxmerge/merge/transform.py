@@ -18,6 +18,7 @@ from torch import nn
 from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod, groups_in
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching
+from fxmerge.memory import release_freed_memory
 
 Transforms = dict[Layout, Matching]
 
@@ -138,11 +139,23 @@ def merge_state(
         if not ref.is_floating_point():
             out[name] = ref.clone()
             continue
-        if name in spec.axes:
-            acc = sum(transform_param(spec, name, s[name].double(), m, n, tr) for m, s in enumerate(states))
-        else:
-            acc = sum(s[name].double() for s in states) / n
+        acc: torch.Tensor | None = None  # summed model by model: one float64 copy of a model's tensor at a time
+        for m, s in enumerate(states):
+            x = s[name].double()
+            t = transform_param(spec, name, x, m, n, tr) if name in spec.axes else x
+            if acc is None:  # never accumulate into an input tensor (a float64 model's own, or a view of it)
+                same = t.untyped_storage().data_ptr() == s[name].untyped_storage().data_ptr()
+                acc = t.clone() if same else t
+            else:
+                acc += t
+            del x, t
+        assert acc is not None
+        if name not in spec.axes:
+            acc /= n
         out[name] = acc.to(ref.dtype)
+        if ref.numel() >= 1 << 20:  # float64 temporaries of growing sizes fragment the heap: return them
+            del acc
+            release_freed_memory()
     return out
 
 

@@ -240,7 +240,7 @@ class WeightSimilarity:
             sim[:size, :size] = 0
             sim[size:, size:] = 0
         dots = {p: _total([c.dots[p] for c in parts]).to(device="cpu", dtype=torch.float64 if self.kind == "corr"
-                                                            else dtype) for p in self._pairs()}  # fmt: skip
+                                                            else dtype, copy=True) for p in self._pairs()}  # fmt: skip
         if self.kind == "dot":
             self._norms[key] = [sum(c.squares[m] for c in parts).cpu().sqrt() for m in range(n)]
             for (i, j), d in dots.items():
@@ -252,11 +252,13 @@ class WeightSimilarity:
         norms = [
             (sq[m] - total * mean_dev[m].square()).clamp_min(0).sqrt().clamp_min(1e-12) for m in range(n)
         ]
-        for (i, j), d in dots.items():
-            centred = d - total * mean_dev[i][:, None] * mean_dev[j][None, :]
-            corr = centred / norms[i][:, None] / norms[j][None, :]
+        for (i, j) in list(dots):
+            corr = dots.pop((i, j))  # a fresh copy: centred and scaled in place (the same roundings as out of place)
+            corr.sub_(total * mean_dev[i][:, None] * mean_dev[j][None, :])
+            corr.div_(norms[i][:, None]).div_(norms[j][None, :])
             sim[i * size : (i + 1) * size, j * size : (j + 1) * size] = corr
             sim[j * size : (j + 1) * size, i * size : (i + 1) * size] = corr.T
+            del corr
         return _symmetric_blocks(sim, size, n, self.cross_only)
 
     def cosine(self, key: Layout, sim: torch.Tensor) -> torch.Tensor:

@@ -152,10 +152,12 @@ class _Points:
         if len(idx):
             a = means[:, constant].T.contiguous()  # [constant units, points]: their values
             mass = a.abs().sum(-1)
-            both = mass[:, None] + mass[None, :]
-            diff = torch.cdist(a, a, p=1.0)
-            sim = torch.where(both > 0, 1.0 - diff / both.clamp_min(1e-300), torch.ones_like(both))
-            corr[idx[:, None], idx[None, :]] = sim
+            for r in range(0, len(idx), 256):  # row chunks: no [n_const, n_const] index tensors
+                rows = slice(r, r + 256)
+                both = mass[rows, None] + mass[None, :]
+                diff = torch.cdist(a[rows], a, p=1.0)
+                sim = torch.where(both > 0, 1.0 - diff / both.clamp_min(1e-300), torch.ones_like(both))
+                corr[idx[rows, None], idx[None, :]] = sim
         corr.fill_diagonal_(1.0)
         return corr.to(dtype=acc.dtype)
 
