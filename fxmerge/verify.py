@@ -27,6 +27,7 @@ from fxmerge.capture.trace import eval_mode, split_inputs
 from fxmerge.errors import InvarianceError
 from fxmerge.ir.layout import groups_in, index
 from fxmerge.ir.spec import PermutationSpec
+from fxmerge.memory import release_freed_memory
 
 
 class UnsoundGroupWarning(UserWarning):
@@ -304,6 +305,8 @@ def find_unsound_groups(
         dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol, scale=bench.scale,
         max_diff=worst, forwards=bench.forwards, trials=trials,
     )  # fmt: skip
+    del bench  # the float64 copy of the model: hand its memory back before the caller goes on
+    release_freed_memory()
     return bad, record
 
 

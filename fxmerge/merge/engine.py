@@ -145,7 +145,7 @@ def coordinate_descent(
             if not greedy or all(d in solved for d in deps[i]):  # a partial similarity must be redone
                 seen[i] = stamp
             solved.update(keys)
-            if sum(spaces[k].size for k in keys) >= 128:  # [O, O] temporaries were freed: return them
+            if sum(spaces[k].size for k in keys) >= 1024:  # large temporaries were freed: return them
                 release_freed_memory()
             last_sims.update({k: v.to(keep_dtype) for k, v in sims.items() if v.shape[0] <= keep_sims})
         release_freed_memory()

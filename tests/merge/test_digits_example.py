@@ -121,3 +121,10 @@ def test_demo_trains_merges_exports_and_verifies(tmp_path: Path) -> None:
     saved = json.loads(paths[0].read_text())
     assert saved["scores"] == result.scores and saved["merge"]["method"] == "mudsc"
     assert "| MuDSC merge (zip) |" in paths[1].read_text()
+
+
+def test_digits_merge_rows_option_rejects_an_unknown_row(tmp_path: Path) -> None:
+    dm = load_example("digits_merge")
+    with pytest.raises(SystemExit, match=r"unknown row\(s\) \['nope'\]"):
+        dm.main(["--kinds", "mlp", "--seeds", "0", "--rows", "Git Re-Basin", "nope", "--out", str(tmp_path)])
+    assert not (tmp_path / "results").exists()  # refused before any training or output
