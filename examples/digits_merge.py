@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.width is not None and args.width < 1:
         raise SystemExit("--width must be >= 1")
     start = time.perf_counter()
-    command = "python examples/digits_merge.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python examples/digits_merge.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.combine:
         by_kind = combine(args.combine)
         runs = " & ".join(dict.fromkeys(_meta(path)["command"] for path in args.combine))
