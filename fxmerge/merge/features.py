@@ -27,19 +27,30 @@ MAX_PROBES = 4
 
 
 class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps copies of the probe values (copies: a later in-place op, e.g. ``ReLU(inplace=True)``
-    after a conv, would otherwise turn the recorded conv output into the activation's output)."""
+    """Runs a graph and keeps the probe values: copies of those in ``copy`` (a later in-place op, e.g.
+    ``ReLU(inplace=True)`` after a conv, would otherwise turn the recorded conv output into the activation's
+    output), the others by reference with their version counters (shared by views), so that :meth:`mutated`
+    can name the values an in-place op changed after they were recorded."""
 
-    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, keep: set[str], copy: set[str]) -> None:
         super().__init__(gm)
-        self.keep = keep
+        self.keep, self.copy = keep, copy
         self.values: dict[str, torch.Tensor] = {}
+        self.versions: dict[str, int] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.keep and isinstance(out, torch.Tensor):
-            self.values[n.name] = out.detach().clone()
+            if n.name in self.copy:
+                self.values[n.name] = out.detach().clone()
+            else:
+                self.values[n.name] = out.detach()
+                self.versions[n.name] = out._version
         return out
+
+    def mutated(self) -> set[str]:
+        """The values kept by reference that were modified in place after they were recorded."""
+        return {name for name, v in self.versions.items() if self.values[name]._version != v}
 
 
 def _spread(cands: dict) -> dict:
@@ -106,11 +117,12 @@ def activation_correlations(
     graphs = _GraphCache(models, example_inputs, frontend, keep, spec.graph)
     batches = iter_inputs(data)
     it = tqdm(batches, desc="activation statistics", disable=not progress, leave=False)
+    copies: dict[int, set[str]] = {}  # per graph, the kept nodes an in-place op modifies later
     with torch.no_grad(), _all_eval(models):
         for i, (args, kwargs) in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            stats.add(_record(graphs.get(args, kwargs), keep, args, kwargs))
+            stats.add(_record(graphs.get(args, kwargs), keep, args, kwargs, copies))
             release_freed_memory()  # the batch's activations, of many sizes: do not let them pile up
     if probes and stats.empty:
         raise MergeError(
@@ -261,16 +273,31 @@ def grouped_axes(spec: PermutationSpec) -> dict[str, set[int]]:
     return out
 
 
-def _record(graphs: list[CapturedGraph], keep: set[str], args: tuple, kwargs: dict) -> list[dict[str, torch.Tensor]]:
-    """Every model's values of the ``keep`` nodes on one batch."""
+def _record(
+    graphs: list[CapturedGraph], keep: set[str], args: tuple, kwargs: dict, copies: dict[int, set[str]]
+) -> list[dict[str, torch.Tensor]]:
+    """Every model's values of the ``keep`` nodes on one batch.
+
+    ``copies[id(graph.gm)]``: the kept nodes an in-place op modifies later in that graph, which are copied when
+    recorded. Learnt on a graph's first batch: recorded without copies, and run again with copies of the
+    values whose version counter moved (a captured graph's in-place ops are the same on every batch), so values
+    are copied only where an in-place op follows them."""
     out = []
     for cg in graphs:
-        rec = _Recorder(cg.gm, keep)
-        try:
-            rec.run(*cg.placeholder_values(args, kwargs))
-        except Exception as e:
-            raise MergeError(
-                f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}"
-            ) from e
+        known = copies.get(id(cg.gm))
+        rec = _run_recorder(cg, keep, set() if known is None else known, args, kwargs)
+        if known is None:
+            copies[id(cg.gm)] = rec.mutated()
+            if copies[id(cg.gm)]:
+                rec = _run_recorder(cg, keep, copies[id(cg.gm)], args, kwargs)
         out.append(rec.values)
     return out
+
+
+def _run_recorder(cg: CapturedGraph, keep: set[str], copy: set[str], args: tuple, kwargs: dict) -> _Recorder:
+    rec = _Recorder(cg.gm, keep, copy)
+    try:
+        rec.run(*cg.placeholder_values(args, kwargs))
+    except Exception as e:
+        raise MergeError(f"a data batch does not fit the model: {type(e).__name__}: {str(e)[:200]}") from e
+    return rec
