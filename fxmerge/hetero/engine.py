@@ -33,7 +33,6 @@ from fxmerge.hetero.width import layout_signature, structured_target, zip_struct
 from fxmerge.ir.layout import G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching
-from fxmerge.memory import release_freed_memory
 from fxmerge.merge.features import grouped_axes, probe_points
 from fxmerge.merge.options import MergeOptions
 from fxmerge.merge.problem import Elastic, Problem, embed, present_identity
@@ -126,7 +125,6 @@ def correlations(
             if opts.max_batches is not None and b >= opts.max_batches:
                 break
             stats.add([run_graph(g, args, kwargs, stats.nodes) for g in graphs])
-            release_freed_memory()  # the batch's activations, of many sizes: do not let them pile up
     return stats.correlations()  # type: ignore[return-value]
 
 

@@ -18,7 +18,6 @@ from fxmerge.capture.trace import CapturedGraph, capture, eval_mode, model_state
 from fxmerge.errors import CaptureError, MergeError
 from fxmerge.ir.layout import Layout, groups_in
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.memory import release_freed_memory
 from fxmerge.merge.spaces import Space, occurrences
 from fxmerge.stats.batches import iter_inputs
 from fxmerge.stats.probes import Probe, SpaceStatistics
@@ -123,7 +122,6 @@ def activation_correlations(
             if max_batches is not None and i >= max_batches:
                 break
             stats.add(_record(graphs.get(args, kwargs), keep, args, kwargs, copies))
-            release_freed_memory()  # the batch's activations, of many sizes: do not let them pile up
     if probes and stats.empty:
         raise MergeError(
             "data produced no batches; pass a non-empty iterable of input batches (e.g. a DataLoader)"

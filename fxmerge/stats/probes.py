@@ -215,6 +215,7 @@ class SpaceStatistics:
                     acc = self._acc(k, x)
                     x = self.points[k].centre(j, x.to(acc.dtype))
                     acc.add_rows(x, *(t.to(acc.dtype) for t in self.points[k].last_range))
+        release_freed_memory()  # the batch's feature copies, of many sizes: do not let them pile up in the heap
 
     def _features(self, value: Tensor, p: Probe, size: int, seed: int) -> Tensor:
         value = invariant_over(value, tuple(sorted(self.grouped.get(p.node, set()) - set(p.axes))))
@@ -237,9 +238,9 @@ class SpaceStatistics:
                 out[k] = self.points[k].correlation(acc)
             acc.release()
             self.points[k] = _Points(len(self.probes[k]))
-            if acc.total >= 256:  # an accumulator and a work matrix were freed: return them
+            if acc.total >= 1024:  # a large accumulator and work matrix were freed: return them
                 release_freed_memory()
-        release_freed_memory()
+        release_freed_memory()  # and the smaller ones
         return out
 
 
