@@ -26,9 +26,10 @@ from torch import nn
 from fxmerge.errors import MergeError
 from fxmerge.hetero.align import align_depth, block_cka, check_alignable
 from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
+from fxmerge.hetero.counts import Correspondence, correspond, count_targets, describe_group, skeleton_model
 from fxmerge.hetero.depth import Segmentation
 from fxmerge.hetero.engine import merge_states
-from fxmerge.hetero.expand import Twin, expand
+from fxmerge.hetero.expand import Twin, expand, param_map
 from fxmerge.hetero.plot import plot_cka_alignment
 from fxmerge.hetero.width import (
     WidthTarget,
@@ -231,6 +232,10 @@ def merge_hetero_with(
                          cka_batches if cka_batches is not None else max_batches, progress)  # fmt: skip
     deep = info["deep_model"]
     t1 = time.perf_counter()
+    corrs = _count_correspondence(specs) if info["segmentation"] is None else None
+    if corrs is not None:
+        return _merge_block_counts(models, method, data, example_inputs, opt, het, specs, structs, corrs, (t0, t1))
+    _check_depth_counts(specs, structs, slots, deep)
     twins = {m: expand(models[deep], models[m], structs[deep], structs[m], specs[deep], slots[m],
                        example_inputs=example_inputs) for m in range(len(models)) if m != deep}  # fmt: skip
     errors = _check_identity(twins)
@@ -248,37 +253,141 @@ def merge_hetero_with(
     head_shares: dict[str, list[Any]] = {}
     state, engine_report = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
                                         method=method, opts=opt, base=deep, head_shares=head_shares)  # fmt: skip
-    resized = targets != group_sizes(specs[deep])
-    skeleton = (resize_model(models[deep], specs[deep], targets, example_inputs=example_inputs) if resized
-                else copy.deepcopy(models[deep]))  # fmt: skip
+    skeleton, spec = _build(models[deep], specs[deep], targets, state, engine_models, head_shares, engine_report,
+                            data, example_inputs, opt)  # fmt: skip
+    report = {
+        **_common_report(method, het, opt, models, structs, info),
+        "deep_model": deep,
+        "skeleton_model": deep,
+        "widths": _widths_report(sizes, targets),
+        "padded_blocks": {m: list(t.padded) for m, t in twins.items()},
+        "absent_groups": {m: sorted(t.absent) for m, t in twins.items()},
+        "identity_max_error": errors,
+        "engine": engine_report,
+        "timings": _timings(t0, t1, t2),
+    }
+    return MergeResult(skeleton, spec, report)
+
+
+def _timings(t0: float, t1: float, t2: float) -> dict[str, float]:
+    return {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2}
+
+
+def _build(
+    base: nn.Module, base_spec: PermutationSpec, targets: dict[int, int], state: dict[str, Any],
+    engine_models: list[nn.Module], head_shares: dict[str, list[Any]], engine_report: dict[str, Any], data: Any,
+    example_inputs: Any, opt: MergeOptions,
+) -> tuple[nn.Module, PermutationSpec]:  # fmt: skip
+    """The merged model: ``base`` rebuilt at the target widths holding ``state``, BatchNorm statistics reset and
+    heads balanced (models of different widths); and its spec."""
+    resized = targets != group_sizes(base_spec)
+    skeleton = (resize_model(base, base_spec, targets, example_inputs=example_inputs) if resized
+                else copy.deepcopy(base))  # fmt: skip
     skeleton.load_state_dict(state)
     if opt.reset_bn and data is not None and _has_bn(skeleton):
         from fxmerge.passes.bn import reset_bn_stats
 
-        skeleton = reset_bn_stats(skeleton, data, progress=progress, num_batches=max_batches)
+        skeleton = reset_bn_stats(skeleton, data, progress=opt.progress, num_batches=opt.max_batches)
     if engine_report["elastic"] and data is not None:  # models of different widths: no model may dominate
         engine_report["head_balance"] = balance_heads(skeleton, engine_models, head_shares, data,
-                                                      max_batches=max_batches)  # fmt: skip
-    spec = infer_groups(skeleton, example_inputs, frontend=frontend) if resized else specs[deep]
-    report = {
+                                                      max_batches=opt.max_batches)  # fmt: skip
+    spec = infer_groups(skeleton, example_inputs, frontend=opt.frontend) if resized else base_spec
+    return skeleton, spec
+
+
+def _common_report(method: Any, het: HeteroOptions, opt: MergeOptions, models: list[nn.Module],
+                   structs: list[BlockStructure], info: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    return {
         "method": method_name(method),
         "settings": method_settings(method),
         "hetero": True,
-        "depth": depth,
-        "width": width,
+        "depth": het.depth,
+        "width": het.width,
         "n_models": len(models),
-        "deep_model": deep,
         "blocks": [[b.name for b in s.blocks] for s in structs],
         "stages": [list(s.stages) for s in structs],
         "segmentation": info["segmentation"],
         "cka": info["cka"],
         "cka_plot": info["cka_plot"],
-        "widths": _widths_report(sizes, targets),
-        "padded_blocks": {m: list(t.padded) for m, t in twins.items()},
-        "absent_groups": {m: sorted(t.absent) for m, t in twins.items()},
-        "identity_max_error": errors,
         "options": opt.model_dump(mode="json", exclude={"progress"}),
+    }
+
+
+def _count_correspondence(specs: list[PermutationSpec]) -> list[Correspondence] | None:
+    """Every model's groups paired with model 0's when the models share one structure but differ in their numbers
+    of blocks (attention heads, GroupNorm groups); None when the counts agree or the structures differ otherwise."""
+    try:
+        corrs = [correspond(specs[0], s, ("model 0", f"model {m}")) for m, s in enumerate(specs)]
+    except MergeError:
+        return None
+    return corrs if any(c.counts for c in corrs) else None
+
+
+def _check_depth_counts(specs: list[PermutationSpec], structs: list[BlockStructure], slots: list[list[int]],
+                        deep: int) -> None:  # fmt: skip
+    """Refuse a depth merge of models whose numbers of heads / groups differ: the shallower model's padded twin is
+    rebuilt on the deeper model's graph, whose block counts are fixed in its code."""
+    for m in range(len(specs)):
+        if m == deep:
+            continue
+        try:
+            pairs = param_map(structs[deep], structs[m], slots[m])
+            corr = correspond(specs[deep], specs[m], (f"model {deep}", f"model {m}"), pairs=pairs)
+        except MergeError:
+            continue  # the expansion says what does not correspond
+        if corr.counts:
+            desc = "; ".join(f"{describe_group(specs[deep], g)}: {a} blocks in model {deep}, {b} in model {m}"
+                             for g, (a, b) in corr.counts.items())  # fmt: skip
+            raise MergeError(
+                f"the models differ in depth and in their numbers of attention heads / GroupNorm groups ({desc}). A "
+                f"depth merge rebuilds model {m} on the deeper model {deep}'s graph, whose block counts are fixed in "
+                f"its code, so the rebuilt model would not compute model {m}'s function. Merge models with the same "
+                "block counts, or of the same depth (width-only merges accept different block counts)."
+            )
+
+
+def _merge_block_counts(
+    models: list[nn.Module], method: Any, data: Any, example_inputs: Any, opt: MergeOptions, het: HeteroOptions,
+    specs: list[PermutationSpec], structs: list[BlockStructure], corrs: list[Correspondence],
+    times: tuple[float, float],
+) -> MergeResult:  # fmt: skip
+    """Width-only merge of models whose numbers of heads / GroupNorm groups differ (``corrs``: every model's groups
+    paired with model 0's). Targets are computed in model 0's group ids; the merge runs on the models themselves with
+    the skeleton model (the one with every target block count, :func:`~fxmerge.hetero.counts.skeleton_model`) first,
+    and the skeleton is rebuilt at the target widths to hold it."""
+    n = len(models)
+    sizes = [c.sizes(s) for c, s in zip(corrs, specs, strict=True)]
+    differ = {g for c in corrs for g in c.counts}
+    if het.width is None:
+        err = _width_error(sizes, [frozenset()] * n, specs[0])
+        assert err is not None  # the block counts differ
+        raise err
+    targets0 = count_targets(sizes, het.width, target_widths(sizes, het.width), specs[0], differ)
+    skel = skeleton_model(sizes, targets0, specs[0], differ)
+    order = [skel, *(m for m in range(n) if m != skel)]
+    ref = [correspond(specs[skel], specs[m], (f"model {skel}", f"model {m}")) for m in order]
+    targets = {g.id: g.size for g in specs[skel].groups} | ref[order.index(0)].targets(targets0)
+    t2 = time.perf_counter()
+    head_shares: dict[str, list[Any]] = {}
+    engine_models = [models[m] for m in order]
+    state, engine_report = merge_states(engine_models, [specs[m] for m in order], absent=[frozenset()] * n,
+                                        targets=targets, data=data, method=method, opts=opt, base=0,
+                                        head_shares=head_shares, maps=[c.signature_map() for c in ref])  # fmt: skip
+    skeleton, spec = _build(models[skel], specs[skel], targets, state, engine_models, head_shares, engine_report,
+                            data, example_inputs, opt)  # fmt: skip
+    to_model0 = {r: o for o, r in ref[order.index(0)].to_ref.items()}
+    engine_report["blocks"] = {f"g{to_model0[int(k[1:])]}": [v[order.index(m)] for m in range(n)]
+                               for k, v in engine_report["blocks"].items()}  # fmt: skip
+    report = {
+        **_common_report(method, het, opt, models, structs, {"segmentation": None, "cka": None, "cka_plot": None}),
+        "deep_model": skel,
+        "skeleton_model": skel,
+        "widths": _widths_report(sizes, targets0),
+        "block_counts": {f"g{g}": {"counts": [s[g] for s in sizes], "target": targets0[g]} for g in sorted(differ)},
+        "padded_blocks": {},
+        "absent_groups": {},
+        "identity_max_error": {},
         "engine": engine_report,
-        "timings": {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2},
+        "timings": _timings(times[0], times[1], t2),
     }
     return MergeResult(skeleton, spec, report)

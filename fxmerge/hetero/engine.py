@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 
 from fxmerge.capture.trace import eval_mode
 from fxmerge.errors import MergeError
+from fxmerge.hetero.counts import mapped_signature
 from fxmerge.hetero.graph import run_graph
-from fxmerge.hetero.width import layout_signature, structured_target, zip_structured
+from fxmerge.hetero.structured import structured_target, zip_structured
+from fxmerge.hetero.width import layout_signature
 from fxmerge.ir.layout import G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.match import Matching
@@ -59,20 +61,30 @@ class _Space:
         return [sp.size for sp in self.spaces]
 
 
-def _corresponding(specs: list[PermutationSpec], absent: list[frozenset[int]], targets: dict[int, int]
-                   ) -> tuple[list[_Space], set[int]]:  # fmt: skip
+def _corresponding(specs: list[PermutationSpec], absent: list[frozenset[int]], targets: dict[int, int],
+                   maps: list[dict[int, int]] | None = None) -> tuple[list[_Space], set[int]]:  # fmt: skip
+    """The spaces of model 0 (the reference) and their counterparts in every model. Without ``maps`` the specs have
+    the same groups; with them (models whose block counts differ) ``maps[m]`` takes model m's group ids to model
+    0's and the spaces of groups whose block counts differ correspond by their outer group."""
     found = [find_spaces(s) for s in specs]
-    by_sig = [{layout_signature(k): (k, sp) for k, sp in spaces.items()} for spaces, _ in found]
+    if maps is None:
+        by_sig = [{layout_signature(k): (k, sp) for k, sp in spaces.items()} for spaces, _ in found]
+        stuck_sets = [f[1] for f in found]
+    else:
+        collapse = _count_differs(found, maps)
+        by_sig = [{mapped_signature(k, maps[m], collapse): (k, sp) for k, sp in spaces.items()}
+                  for m, (spaces, _) in enumerate(found)]  # fmt: skip
+        stuck_sets = [{maps[m].get(g, -1 - g) for g in f[1]} for m, f in enumerate(found)]
     stuck = found[0][1]
-    if any(set(b) != set(by_sig[0]) for b in by_sig) or any(f[1] != stuck for f in found):
+    if any(set(b) != set(by_sig[0]) for b in by_sig) or any(st != stuck for st in stuck_sets):
         raise MergeError(
             "the models' specs give different merge spaces; they do not share one group structure."
         )
     for gid in sorted(stuck):
-        sizes = [s.group(gid).size for s in specs]
+        sizes = [s.group(gid if maps is None else _inverse(maps[m], gid)).size for m, s in enumerate(specs)]
         if len(set(sizes)) > 1:
-            raise MergeError(f"group g{gid} has sizes {sizes} but lies in a layout no matcher can carry (kept at "
-                             "the identity); elastic width cannot change it.")  # fmt: skip
+            raise MergeError(f"group g{gid} has sizes {sizes} but lies in a layout no matcher can carry (kept at the "
+                             "identity); elastic width cannot change it.")  # fmt: skip
     out = []
     for sig, (key0, _) in by_sig[0].items():
         keys = [b[sig][0] for b in by_sig]
@@ -81,6 +93,20 @@ def _corresponding(specs: list[PermutationSpec], absent: list[frozenset[int]], t
         present = [m for m in range(len(specs)) if not groups & absent[m]]
         out.append(_Space(keys, spaces, present or [0], _space_target(key0, spaces, present or [0], targets)))
     return out, stuck
+
+
+def _count_differs(found: list[tuple[dict[Layout, Space], set[int]]], maps: list[dict[int, int]]) -> set[int]:
+    """Outer groups (model 0's ids) whose block counts differ across the models."""
+    counts: dict[int, set[int]] = {}
+    for m, (spaces, _) in enumerate(found):
+        for key in spaces:
+            if isinstance(key, Prod) and isinstance(key.outer, G) and key.outer.gid in maps[m]:
+                counts.setdefault(maps[m][key.outer.gid], set()).add(key.outer.size)
+    return {g for g, c in counts.items() if len(c) > 1}
+
+
+def _inverse(gmap: dict[int, int], gid: int) -> int:
+    return next(o for o, r in gmap.items() if r == gid)
 
 
 def _space_target(key: Layout, spaces: list[Space], present: list[int], targets: dict[int, int]) -> int:
@@ -92,9 +118,10 @@ def _space_target(key: Layout, spaces: list[Space], present: list[int], targets:
         return structured
     if len(sizes) != 1:
         raise MergeError(
-            f"a structured space (attention heads / grouped channels, groups {spaces[0].groups}) has "
-            f"sizes {sorted(sizes)} across models; elastic width changes the size of the blocks (channels per "
-            "group, head dimension), not their number."
+            f"a structured space (attention heads / grouped channels, groups {spaces[0].groups}) has sizes "
+            f"{sorted(sizes)} across models but its blocks cannot be zipped to the target widths {targets}: the blocks "
+            "of one space must share one target size, and the model the merge is rebuilt from must have the target "
+            "block count."
         )
     return sizes.pop()
 
@@ -130,7 +157,7 @@ def correlations(
 
 def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str, torch.Tensor]], data: Any,
              specs: list[PermutationSpec], method: Any, opts: MergeOptions, elastic: bool,
-             ) -> tuple[Problem, list[int]]:  # fmt: skip
+             blocks: dict[str, list[list[int]]] | None = None) -> tuple[Problem, list[int]]:  # fmt: skip
     """The engine's problem on the shared spec: spaces some models do not occupy (zero-branch blocks) are pinned
     to present-only identities; with different widths, the spaces are zipped to their targets (elastic)."""
     n = len(states)
@@ -147,7 +174,7 @@ def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str,
                 raise MergeError(f"space of groups {spaces[i].spaces[0].groups} has sizes {sorted(sizes_p)} but no "
                                  "activation probe; it cannot be zipped to a common width.")  # fmt: skip
         structured = [i for i in solvable if isinstance(spaces[i].keys[0], Prod)]
-        init.update(_structured(spaces, structured, corr, method))
+        init.update(_structured(spaces, structured, corr, method, blocks))
         solvable = [i for i in solvable if i not in structured]
         el = Elastic({spaces[i].keys[0]: spaces[i].sizes for i in solvable},
                      {spaces[i].keys[0]: spaces[i].present for i in solvable},
@@ -161,9 +188,12 @@ def _problem(spec: PermutationSpec, spaces: list[_Space], states: list[dict[str,
     return problem, unmatched
 
 
-def _structured(spaces: list[_Space], idx: list[int], corr: dict[int, torch.Tensor], method: Any) -> Transforms:
+def _structured(spaces: list[_Space], idx: list[int], corr: dict[int, torch.Tensor], method: Any,
+                blocks: dict[str, list[list[int]]] | None = None) -> Transforms:  # fmt: skip
     """Structured spaces of an elastic merge (attention heads, GroupNorm groups): the spaces of one outer group
-    share one block pairing and are zipped block by block (:func:`~fxmerge.hetero.width.zip_structured`)."""
+    share one block pairing (or block zip, when their block counts differ) and are zipped block by block
+    (:func:`~fxmerge.hetero.structured.zip_structured`). ``blocks``, when given, gets per outer group (model 0's
+    id) the merged block of every block of every model (present models only)."""
     alpha = float(getattr(method, "alpha", getattr(method, "zip_alpha", 0.5)))
     beta = float(getattr(method, "beta", getattr(method, "zip_beta", 1.0)))
     fams: dict[int, list[int]] = {}
@@ -176,13 +206,22 @@ def _structured(spaces: list[_Space], idx: list[int], corr: dict[int, torch.Tens
             raise MergeError(f"the spaces of groups {[spaces[i].spaces[0].groups for i in members]} share blocks "
                              "but not the models taking part; they cannot be zipped together.")  # fmt: skip
         sizes = [[spaces[i].sizes[m] for m in present] for i in members]
-        n_blocks = spaces[members[0]].keys[0].outer.size  # type: ignore[union-attr]
-        _, cols, value = zip_structured([corr[i] for i in members], sizes, n_blocks,
-                                        [spaces[i].target for i in members], alpha=alpha, beta=beta)  # fmt: skip
+        keys = spaces[members[0]].keys
+        counts = [keys[m].outer.size for m in present]  # type: ignore[union-attr]
+        block_of, cols, value = zip_structured([corr[i] for i in members], sizes, counts,
+                                               [spaces[i].target for i in members], alpha=alpha, beta=beta,
+                                               target_blocks=keys[0].outer.size)  # type: ignore[union-attr]  # fmt: skip
+        if blocks is not None:
+            blocks[f"g{keys[0].outer.gid}"] = [b.tolist() for b in block_of]  # type: ignore[union-attr]
         for i, c, sz in zip(members, cols, sizes, strict=True):
             mt = Matching.from_columns(c, sz, spaces[i].target, value, dtype=torch.float64, device=torch.device("cpu"))
             out[spaces[i].keys[0]] = embed(mt, spaces[i].sizes, present)
     return out
+
+
+def _same_blocks(spaces: list[_Space]) -> bool:
+    """Whether every structured space has the same block count in every model."""
+    return all(len({k.outer.size for k in s.keys if isinstance(k, Prod)}) <= 1 for s in spaces)
 
 
 def merge_states(
@@ -196,6 +235,7 @@ def merge_states(
     opts: MergeOptions,
     base: int = 0,
     head_shares: dict[str, list[torch.Tensor]] | None = None,
+    maps: list[dict[int, int]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Merged state dict (at the target widths) of models sharing one graph.
 
@@ -210,16 +250,20 @@ def merge_states(
         base: model whose non-float tensors (counters) are kept.
         head_shares: when given, filled with each model's share of every head weight reading merged units
             (name -> per model (1/N) W_m U_m, float64), for :func:`~fxmerge.hetero.width.balance_heads`.
+        maps: for models whose specs have different groups (different numbers of heads / GroupNorm groups), model
+            m's group id -> model 0's (:func:`~fxmerge.hetero.counts.correspond`); ``targets`` and ``absent`` then use
+            model 0's ids, and model 0 must have the target block counts.
 
     Returns:
         (state dict, report) — the report lists the spaces, absent spaces and matching values.
     """
     n = len(models)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
-    spaces, stuck = _corresponding(specs, absent, targets)
+    spaces, stuck = _corresponding(specs, absent, targets, maps)
     widths_equal = all(len(set(s.sizes)) == 1 and s.target == s.sizes[0] for s in spaces)
-    widths_equal = widths_equal and all(sp.shapes == specs[0].shapes for sp in specs)
-    problem, unmatched = _problem(specs[0], spaces, states, data, specs, method, opts, not widths_equal)
+    widths_equal = widths_equal and all(sp.shapes == specs[0].shapes for sp in specs) and _same_blocks(spaces)
+    block_zip: dict[str, list[list[int]]] = {}
+    problem, unmatched = _problem(specs[0], spaces, states, data, specs, method, opts, not widths_equal, block_zip)
     sol = method.solve(problem)
     tr = sol.transforms
     trs = [{s.keys[m]: tr[s.keys[0]] for s in spaces} for m in range(n)]
@@ -233,6 +277,7 @@ def merge_states(
         "identity_groups": sorted(stuck),
         "space_values": {_name(s.keys[0]): float(trs[0][s.keys[0]].value) for s in spaces},
         "elastic": not widths_equal,
+        "blocks": block_zip,
         **log,
     }
     return merged, report

@@ -16,16 +16,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from fxmerge.capture.trace import eval_mode, split_inputs
 from fxmerge.errors import MergeError
-from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
+from fxmerge.hetero.structured import structured_target, zip_structured
+from fxmerge.ir.layout import Cat, G, Layout, LFixed
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.match import zip_match
 from fxmerge.stats.batches import iter_inputs
 
 __all__ = [
@@ -36,6 +34,7 @@ __all__ = [
     "layout_signature",
     "resize_model",
     "resized_size",
+    "structured_target",
     "target_widths",
     "zip_structured",
 ]
@@ -368,83 +367,3 @@ def balance_heads(
             target.copy_(weight.to(target))
         out[name] = [float(a) for a in factors]
     return out
-
-
-def structured_target(key: Layout, sizes: Sequence[Layout], targets: Mapping[int, int]) -> int | None:
-    """Target size of a structured space ``outer x (inner_1, ..., inner_G)`` (attention heads, GroupNorm groups)
-    whose blocks may differ in size across models but not in number: G · the common target of its inner groups.
-    ``sizes`` are the models' keys of the space. None if the space is not of that form or its targets differ."""
-    if not (isinstance(key, Prod) and isinstance(key.outer, G) and all(isinstance(i, G) for i in key.inners)):
-        return None
-    if any(not isinstance(k, Prod) or not isinstance(k.outer, G) or k.outer.size != key.outer.size for k in sizes):
-        return None
-    inner = {int(targets.get(i.gid, i.size)) for i in key.inners}
-    if len(inner) != 1 or int(targets.get(key.outer.gid, key.outer.size)) != key.outer.size:
-        return None
-    return key.outer.size * inner.pop()
-
-
-def _block_score(tile: np.ndarray) -> float:
-    rows, cols = linear_sum_assignment(tile, maximize=True)
-    return float(tile[rows, cols].mean())
-
-
-def zip_structured(
-    sims: Sequence[torch.Tensor],
-    sizes: Sequence[Sequence[int]],
-    n_blocks: int,
-    targets: Sequence[int],
-    *,
-    alpha: float,
-    beta: float,
-) -> tuple[np.ndarray, list[np.ndarray], float]:
-    """Elastic zip of the structured spaces of one outer group (attention heads, GroupNorm groups).
-
-    Every model has ``n_blocks`` blocks in each space, of ``sizes[s][m] // n_blocks`` units (channels per group,
-    head dimension); blocks may differ in size across models but not in number. Model m's blocks are paired with
-    model 0's by a Hungarian assignment on the block scores summed over the spaces (score of a block pair: the
-    mean similarity of the unit-level Hungarian matching between them), then the units of each set of paired
-    blocks are zipped (:func:`~fxmerge.match.zip_match`, elastic) to ``targets[s] // n_blocks`` units; merged block
-    g is units [g·k, (g+1)·k), so a merged group / head only holds units of the blocks paired with it.
-
-    Args:
-        sims: per space, the similarity over the stacked units of the models.
-        sizes: per space, every model's unit count.
-        n_blocks: the number of blocks (groups / heads), the same in every space and model.
-        targets: per space, the merged unit count (a multiple of ``n_blocks``).
-        alpha, beta: the zip settings.
-
-    Returns:
-        (block pairing [N, n_blocks]: model m's block paired with merged block g, per space the merged unit of
-        every stacked unit, mean greedy pick).
-    """
-    n = len(sizes[0])
-    for sz, t in zip(sizes, targets, strict=True):
-        if len(sz) != n or t % n_blocks or any(c % n_blocks for c in sz):
-            raise MergeError(f"structured space of {n_blocks} blocks: sizes {list(sz)} and target {t} must be "
-                             "multiples of the block count.")  # fmt: skip
-    pers = [[c // n_blocks for c in sz] for sz in sizes]
-    offsets = [np.cumsum([0, *sz]) for sz in sizes]
-    pairing = np.tile(np.arange(n_blocks), (n, 1))
-    for m in range(1, n):
-        scores = np.zeros((n_blocks, n_blocks))
-        for sim, per, offs in zip(sims, pers, offsets, strict=True):
-            a = sim.detach().double().cpu().numpy()
-            for g in range(n_blocks):
-                for h in range(n_blocks):
-                    r0, r1 = offs[0] + g * per[0], offs[m] + h * per[m]
-                    scores[g, h] += _block_score(a[r0 : r0 + per[0], r1 : r1 + per[m]])
-        pairing[m] = linear_sum_assignment(scores, maximize=True)[1]
-    columns, picks = [], []
-    for sim, per, offs, sz, t in zip(sims, pers, offsets, sizes, targets, strict=True):
-        k = t // n_blocks
-        cols = np.full(sum(sz), -1, dtype=np.int64)
-        for g in range(n_blocks):
-            idx = [offs[m] + pairing[m, g] * per[m] + np.arange(per[m]) for m in range(n)]
-            flat = torch.as_tensor(np.concatenate(idx))
-            mt = zip_match(sim[flat][:, flat], per, r=0.5, alpha=alpha, beta=beta, target=k)
-            for m in range(n):
-                cols[idx[m]] = g * k + mt.assignment(m).cpu().numpy()
-            picks.append(mt.value)
-        columns.append(cols)
-    return pairing, columns, float(np.mean(picks)) if picks else 0.0

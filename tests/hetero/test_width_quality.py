@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
-from fxmerge.errors import MergeError
 from fxmerge.hetero import merge_hetero
 from fxmerge.hetero.width import balance_heads, zip_structured
 
@@ -151,8 +149,8 @@ def test_zip_structured_pairs_blocks_and_zips_inside_them() -> None:
     for (i, j), v in zip(pairs, values, strict=True):
         sim[i, j] = sim[j, i] = v
     sim.fill_diagonal_(1.0)
-    pairing, cols, _ = zip_structured([sim], [[4, 8]], 2, [8], alpha=0.5, beta=0.0)
-    assert pairing.tolist() == [[0, 1], [1, 0]]
+    block_of, cols, _ = zip_structured([sim], [[4, 8]], 2, [8], alpha=0.5, beta=0.0)
+    assert [b.tolist() for b in block_of] == [[0, 1], [1, 0]]  # model 1's block 0 joins merged block 1
     merged_block = cols[0] // 4  # 4 merged units per block
     assert merged_block[:2].tolist() == [0, 0] and merged_block[2:4].tolist() == [1, 1]
     assert merged_block[4:8].tolist() == [1] * 4 and merged_block[8:].tolist() == [0] * 4
@@ -176,6 +174,8 @@ def test_attention_head_dim_elastic_merge() -> None:
     result = merge_hetero([narrow, narrow], method="zipit", data=data, example_inputs=x, width={6: 32}, progress=False)
     assert result.report["engine"]["elastic"] and result.model.blocks[0].fc1.out_features == 32
     torch.testing.assert_close(result.model(x), narrow(x), rtol=0, atol=1e-10)
-    with pytest.raises(MergeError, match="number of attention heads"):
-        merge_hetero([seeded(Transformer, 0, 1, 16, 4), narrow], method="zipit", data=data, example_inputs=x,
-                     width="max", progress=False)  # fmt: skip
+    # different head counts (4 heads of 4 vs 2 heads of 4) are merged by zipping the heads (test_block_counts.py)
+    result = merge_hetero([seeded(Transformer, 0, 1, 16, 4), narrow], method="zipit", data=data, example_inputs=x,
+                          width="max", progress=False)  # fmt: skip
+    assert result.model.blocks[0].attn.heads == 4 and result.report["skeleton_model"] == 0
+    assert result.model.blocks[0].attn.qkv.weight.shape == (48, 16) and torch.isfinite(result.model(x)).all()
