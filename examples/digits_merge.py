@@ -342,12 +342,14 @@ def write_outputs(out: Path, by_kind: dict[str, list[KindRun]], command: str) ->
 
 
 def combine(paths: Sequence[Path]) -> dict[str, list[KindRun]]:
-    """The runs recorded in ``digits_merge.json`` files, by kind (in the order given)."""
+    """The runs recorded in ``digits_merge.json`` files, by kind (kinds in ``MODEL_KINDS`` order, runs in the order
+    given)."""
     by_kind: dict[str, list[KindRun]] = {}
     for path in paths:
         for kind, runs in json.loads(path.read_text()).items():
             by_kind.setdefault(kind, []).extend(KindRun(**r) for r in runs)
-    return by_kind
+    order = {kind: i for i, kind in enumerate(dc.MODEL_KINDS)}
+    return {kind: by_kind[kind] for kind in sorted(by_kind, key=lambda k: order.get(k, len(order)))}
 
 
 def _meta(path: Path) -> dict[str, str]:

@@ -20,7 +20,9 @@ For the digits GroupNorm ResNet and ViT (``digits_common``), model A is trained 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,10 +60,13 @@ MERGES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
         ("ZipIt", "zipit", {}),
         ("ZipIt + unit_repair + norm_repair", "zipit", {"post": POST}),
         ("MuDSC zip + unit_repair + norm_repair", "mudsc", {"matcher": "zip", "alpha": 0.5, "post": POST}),
-        ("partial ZipIt (stop_at=blocks.1) + unit_repair + norm_repair", "zipit",
-         {"stop_at": "blocks.1", "post": POST}),
+        *((f"partial ZipIt (stop_at={cut}) + unit_repair + norm_repair", "zipit", {"stop_at": cut, "post": POST})
+          for cut in ("blocks.0.attn", "blocks.0.norm2", "blocks.1", "blocks.2")),
     ],
 }
+VIT_DEPTH, VIT_HEADS = 3, 4  # digits_common.EmbedViT's defaults
+ROTATION_ROWS = ("aligned, averaged + unit_repair + norm_repair",
+                 "aligned, heads rotated (Procrustes), averaged + unit_repair + norm_repair")
 # modules whose outputs the statistics study follows (normalisations and residual-branch outputs)
 PROBES = {
     "resnet_gn": ["stem.1", *(f"blocks.{b}.{n}" for b in range(3) for n in ("norm1", "norm2")),
@@ -163,6 +169,90 @@ def group_stats(parents: Sequence[nn.Module], merged: nn.Module, kind: str, x: t
     return out
 
 
+# ------------------------------------------------------------------------------- attention heads (ViT)
+
+
+def _qkv(model: nn.Module, block: int, x: torch.Tensor) -> torch.Tensor:
+    """The fused q|k|v output of ``blocks.<block>.attn.qkv``, ``[B, T, 3C]``."""
+    return _outputs(model, [f"blocks.{block}.attn.qkv"], x)[f"blocks.{block}.attn.qkv"]
+
+
+def attention_maps(model: nn.Module, block: int, x: torch.Tensor, heads: int = VIT_HEADS) -> torch.Tensor:
+    """Every head's attention probabilities in ``block``, ``[B, heads, T, T]`` (as ``EmbedViT`` computes them)."""
+    qkv = _qkv(model, block, x)
+    b, t, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, _ = (z.reshape(b, t, heads, c // heads).transpose(1, 2).double() for z in qkv.split(c, dim=2))
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // heads), dim=-1)
+
+
+def head_overlap(parents: Sequence[nn.Module], x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per block: how alike the two parents' attention heads are, as 1 - total variation distance between
+    their attention maps (1: the same map, 0: disjoint), averaged over images and query tokens. ``across``:
+    the mean over the best one-to-one pairing of model A's heads with model B's (what a head matching can
+    reach at best); ``within``: the mean over distinct head pairs of one model."""
+    out = {}
+    for block in range(VIT_DEPTH):
+        maps = torch.cat([attention_maps(p, block, x) for p in parents], dim=1)
+        h = maps.shape[1]
+        sim = torch.stack([1 - 0.5 * (maps[:, i : i + 1] - maps).abs().sum(-1).mean(dim=(0, 2)) for i in range(h)])
+        n = h // 2
+        rows, cols = linear_sum_assignment(sim[:n, n:].numpy(), maximize=True)
+        off = ~torch.eye(n, dtype=torch.bool)
+        within = torch.cat([sim[:n, :n][off], sim[n:, n:][off]])
+        out[f"blocks.{block}"] = {"across": float(sim[:n, n:][rows, cols].mean()), "within": float(within.mean())}
+    return out
+
+
+def _procrustes(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The orthogonal ``Q`` minimising ``||target - source Q^T||`` over centred rows (``Q source_i ~ target_i``)."""
+    a, b = target - target.mean(0), source - source.mean(0)
+    u, _, vh = torch.linalg.svd(a.T @ b)
+    return u @ vh
+
+
+@torch.no_grad()
+def rotate_heads(anchor: nn.Module, model: nn.Module, x: torch.Tensor, heads: int = VIT_HEADS) -> nn.Module:
+    """A copy of ``model`` (already permuted onto ``anchor``) with every head's query/key and value dimensions
+    rotated onto the anchor's by orthogonal Procrustes on their activations. Attention logits q·k are invariant
+    to a rotation applied to both q and k, and the value path to any rotation undone in the output projection,
+    so the copy computes exactly what ``model`` computes (a symmetry beyond permutations; the rotated model is
+    then averaged with the anchor)."""
+    model = copy.deepcopy(model)
+    for block in range(VIT_DEPTH):
+        fa, fm = (_qkv(m, block, x).flatten(0, 1).double() for m in (anchor, model))
+        qkv, proj = model.get_submodule(f"blocks.{block}.attn.qkv"), model.get_submodule(f"blocks.{block}.attn.proj")
+        c = fa.shape[1] // 3
+        d = c // heads
+        for h in range(heads):
+            q, k, v = (slice(part * c + h * d, part * c + (h + 1) * d) for part in range(3))
+            dtype = qkv.weight.dtype
+            rot_qk = _procrustes(torch.cat([fa[:, q], fa[:, k]]), torch.cat([fm[:, q], fm[:, k]])).to(dtype)
+            rot_v = _procrustes(fa[:, v], fm[:, v]).to(dtype)
+            for rows, rot in ((q, rot_qk), (k, rot_qk), (v, rot_v)):
+                qkv.weight[rows] = rot @ qkv.weight[rows]
+                qkv.bias[rows] = rot @ qkv.bias[rows]
+            cols = slice(h * d, (h + 1) * d)
+            proj.weight[:, cols] = proj.weight[:, cols] @ rot_v.T
+    return model
+
+
+def rotation_rows(plain: Any, data: Any, example: Any, seed: int, split: DigitsSplit) -> dict[str, dict[str, float]]:
+    """The activation-aligned pair averaged with the post-passes, with and without the head rotation."""
+    anchor, other = plain.aligned_models
+    rotated = rotate_heads(anchor, other, split.train_images)
+    scores = {}
+    for label, pair in zip(ROTATION_ROWS, ([anchor, other], [anchor, rotated]), strict=True):
+        merged = fxmerge.merge(pair, method="average", data=data, example_inputs=example, seed=seed, progress=False,
+                               post=POST).model  # fmt: skip
+        scores[label] = dc.evaluate(merged, split)
+    return scores
+
+
+def parameter_share(model: nn.Module, parent: nn.Module) -> float:
+    """Parameters of a (partially) merged model per parameter of one parent (1: fully merged, 2: two models)."""
+    return sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in parent.parameters())
+
+
 # ------------------------------------------------------------------------------------------------- runs
 
 
@@ -172,7 +262,7 @@ def run_seed(split: DigitsSplit, kind: str, seed: int, cache: Path | None) -> di
               "ensemble": dc.evaluate(dc.ensemble(models), split)}  # fmt: skip
     data = split.loader("train", None, batch_size=64)
     example = (split.train_images[:2],)
-    results, seconds = {}, {}
+    results, seconds, sizes = {}, {}, {}
     for label, method, options in MERGES[kind]:
         start = time.perf_counter()
         results[label] = fxmerge.merge(models, method=method, data=data, example_inputs=example, seed=seed,
@@ -180,13 +270,18 @@ def run_seed(split: DigitsSplit, kind: str, seed: int, cache: Path | None) -> di
         seconds[label] = time.perf_counter() - start
         model = results[label].model
         scores[label] = dc.evaluate(_heads(model) if "stop_at" in options else model, split)
+        sizes[label] = parameter_share(model, models[0])
     plain, fixed = results["act. align"], results["act. align + unit_repair + norm_repair"]
     x = split.test_images
     stats = layer_stats(plain.aligned_models, [plain.model, fixed.model], PROBES[kind], x)
     groups = {"act. align": group_stats(plain.aligned_models, plain.model, kind, x),
               "+ post": group_stats(plain.aligned_models, fixed.model, kind, x)}  # fmt: skip
-    return {"seed": seed, "scores": scores, "train_s": train_s, "merge_s": seconds, "layers": stats,
-            "groups": groups}  # fmt: skip
+    run = {"seed": seed, "scores": scores, "train_s": train_s, "merge_s": seconds, "layers": stats,
+           "groups": groups, "sizes": sizes}  # fmt: skip
+    if kind == "vit":
+        run["heads"] = head_overlap(models, x)
+        scores.update(rotation_rows(plain, data, example, seed, split))
+    return run
 
 
 def _ms(values: Sequence[float]) -> str:
@@ -196,12 +291,23 @@ def _ms(values: Sequence[float]) -> str:
 
 def accuracy_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     rows = list(runs[0]["scores"])
-    lines = ["| model | task A | task B | joint | joint / ensemble |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | task A | task B | joint | joint / ensemble | parameters / one model |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         cells = [_ms([100 * r["scores"][row][m] for r in runs]) for m, _ in METRICS]
         ratios = [r["scores"][row]["joint"] / r["scores"]["ensemble"]["joint"] for r in runs]
         ratio = f"{statistics.fmean(ratios):.2f}" + (f" ± {statistics.stdev(ratios):.2f}" if len(runs) > 1 else "")
-        lines.append(f"| {row} | {' | '.join(cells)} | {ratio} |")
+        size = runs[0].get("sizes", {}).get(row, 2.0 if row == "ensemble" else 1.0)
+        lines.append(f"| {row} | {' | '.join(cells)} | {ratio} | {size:.2f} |")
+    return lines
+
+
+def head_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| block | best pairing of A's heads with B's (1 - TV) | two heads of one model (1 - TV) |",
+             "|---|---:|---:|"]  # fmt: skip
+    for block in runs[0]["heads"]:
+        across, within = (statistics.fmean(r["heads"][block][k] for r in runs) for k in ("across", "within"))
+        lines.append(f"| `{block}` | {across:.2f} | {within:.2f} |")
     return lines
 
 
@@ -262,8 +368,13 @@ def markdown(by_kind: dict[str, list[dict[str, Any]]], command: str, minutes: st
         if kind == "vit":
             plabel, pjoint, pratio = best(runs, single=False)
             if plabel != label:
-                parts += [f"Best with partial zipping (the last two blocks run once per parent): {plabel}, joint "
-                          f"{pjoint:.1f} % = {pratio:.2f} x ensemble.", ""]  # fmt: skip
+                size = runs[0]["sizes"][plabel]
+                parts += [f"Best with partial zipping (the layers after the cut run once per parent): {plabel}, "
+                          f"joint {pjoint:.1f} % = {pratio:.2f} x ensemble, with {size:.2f} x one model's "
+                          "parameters.", ""]  # fmt: skip
+            parts += ["Attention maps of the parents' heads (test images): the mean over images and query tokens "
+                      "of 1 - the total variation distance between two heads' attention distributions.", "",
+                      *head_lines(runs), ""]  # fmt: skip
         parts += [
             "Per-layer statistics of the activation-aligned merge against the aligned parents (test images, "
             "mean over seeds): corr(A, B) is the parents' per-channel correlation after alignment (how well "
