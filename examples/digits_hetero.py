@@ -16,6 +16,14 @@ directions, and compares it with the homogeneous ZipIt merge of two narrow model
 ``--seeds`` seeds (mean ± std). An ablation row merges without the head balance of elastic merges
 (:func:`fxmerge.hetero.width.balance_heads`).
 
+The block-count section (``--families counts``, not in the default run) merges models whose numbers of attention
+heads / GroupNorm groups differ at the same width (ViT width 64: 4 heads x 16 vs 8 heads x 8; GroupNorm ResNet
+width 32: 4 vs 8 groups): parents, homogeneous ZipIt of each architecture, the ensemble and elastic ZipIt with
+``width="max"`` (the model with more heads / groups is rebuilt) and ``"min"``, both directions, over ``--seeds``
+seeds. It replaces its own section of ``digits_hetero.md`` and leaves the rest of the page as it is:
+
+    python examples/digits_hetero.py --families counts    # ~15 min on one CPU core
+
 The training images of both tasks (no labels) are the data for CKA, activation statistics and the BatchNorm
 reset. Test accuracy: task A (digits 0-4, 5-way), task B (digits 5-9, 5-way), joint (10-way).
 
@@ -120,6 +128,12 @@ WIDTH_ARCHS = (
     ("resmlp", 128, 64, "residual MLP: wide (512 units) x narrow (256 units)"),
     ("resnet_bn", 32, 16, "ResNet (BatchNorm): wide (32/64 channels) x narrow (16/32 channels)"),
 )
+# (digits_common kind, width, (fewer, more) heads / GroupNorm groups, what is counted, title) of the block-count section
+COUNT_ARCHS = (
+    ("vit", 64, (4, 8), "heads", "ViT (width 64): 4 heads x 16 vs 8 heads x 8"),
+    ("resnet_gn", 32, (4, 8), "groups", "ResNet (GroupNorm, 32/64 channels): 4 vs 8 groups"),
+)
+COUNTS_HEADING = "## Elastic width: different numbers of heads / GroupNorm groups"
 WIDTH_CRITERION = 0.03  # the width merge should be within 3 points (joint) of the homogeneous narrow merge
 HOMOGENEOUS = (("average", "average", {}), ("ZipIt", "zipit", {}), ("MuDSC", "mudsc", {}))
 
@@ -249,6 +263,108 @@ def run_width(split: DigitsSplit, kind: str, widths: tuple[int, int], title: str
     return run
 
 
+def _regroup(model: nn.Module, groups: int) -> nn.Module:
+    """``model`` with every GroupNorm replaced by a fresh one of ``groups`` groups (same channels), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.GroupNorm):
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, nn.GroupNorm(groups, module.num_channels))
+    return model
+
+
+def train_counted(split: DigitsSplit, kind: str, width: int, count: int, task: int, seed: int,
+                  epochs: int | None) -> nn.Module:  # fmt: skip
+    """``kind`` at ``width`` with ``count`` heads (ViT) or GroupNorm groups (ResNet), trained on ``task`` with the
+    kind's ``digits_common.RECIPES`` (seeded like ``digits_common.train_task_model``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = dc.EmbedViT(width, heads=count) if kind == "vit" else _regroup(dc.EmbedResNet(width, "gn"), count)
+    default_epochs, lr = dc.RECIPES[kind]
+    loader = split.loader("train", task, 64, shuffle=True, generator=torch.Generator().manual_seed(seed + 1))
+    return dc.train(model, loader, epochs=epochs or default_epochs, lr=lr, generator=torch.Generator().manual_seed(seed + 2),
+                    classes=split.tasks[task])  # fmt: skip
+
+
+def run_counts(split: DigitsSplit, arch: tuple[str, int, tuple[int, int], str, str], seeds: Sequence[int],
+               epochs: int | None) -> WidthRun:  # fmt: skip
+    """Models with different numbers of heads / groups: parents, homogeneous ZipIt, ensemble, elastic ZipIt with
+    width max and min (both directions), per seed."""
+    kind, width, counts, unit, title = arch
+    run = WidthRun(kind, title)
+    start = time.perf_counter()
+    data = split.loader("train", None, batch_size=64)
+    example = (split.train_images[:2],)
+
+    def add(row: str, scores: dict[str, float]) -> None:
+        run.scores.setdefault(row, []).append(scores)
+
+    for seed in seeds:
+        models = {(c, t): train_counted(split, kind, width, c, t, 1000 * seed + 100 * i + 10 * t, epochs)
+                  for i, c in enumerate(counts) for t in (0, 1)}  # fmt: skip
+
+        def merge(pair: list[nn.Module], seed: int = seed, **options: Any) -> fxmerge.MergeResult:
+            return fxmerge.merge(pair, method="zipit", data=data, example_inputs=example, seed=seed, progress=False,
+                                 **options)  # fmt: skip
+
+        for (c, t), m in sorted(models.items()):
+            add(f"{c} {unit} {'AB'[t]} (parent)", dc.evaluate(m, split))
+        for c in counts:
+            add(f"{c} x {c} {unit}: ZipIt (homogeneous)", dc.evaluate(merge([models[c, 0], models[c, 1]]).model, split))
+        pairs = ([models[counts[0], 0], models[counts[1], 1]], [models[counts[1], 0], models[counts[0], 1]])
+        add(f"{counts[0]} x {counts[1]} {unit}: ensemble (both directions)",
+            _mean([dc.evaluate(dc.ensemble(pair), split) for pair in pairs]))  # fmt: skip
+        for w in ("max", "min"):
+            t0 = time.perf_counter()
+            results = [merge(pair, width=w) for pair in pairs]
+            add(f"{counts[0]} x {counts[1]} {unit}: elastic ZipIt, width {w} (both directions)",
+                _mean([dc.evaluate(r.model, split) for r in results]))  # fmt: skip
+            got = {next(iter(r.report["block_counts"].values()))["target"] for r in results}
+            run.notes.append(f"seed {seed}, width {w}: merged {unit} {sorted(got)}, "
+                             f"{(time.perf_counter() - t0) / 2:.1f} s per merge")  # fmt: skip
+        print(f"  {kind} seed {seed}: " + ", ".join(f"{row} {100 * v[-1]['joint']:.1f}" for row, v in run.scores.items()))
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def counts_section(runs: Sequence[WidthRun], command: str, n_seeds: int) -> str:
+    """The markdown section of the block-count runs (``COUNTS_HEADING`` and its tables)."""
+    parts = [COUNTS_HEADING, "",
+             "Models of one architecture and width whose numbers of attention heads / GroupNorm groups differ, trained "
+             "from different initialisations (A on digits 0-4, B on digits 5-9). The hetero merge zips the model with "
+             "fewer blocks on A with the one with more blocks on B (and the reverse: \"both directions\", averaged). "
+             "Elastic ZipIt zips the heads / groups themselves (`fxmerge.hetero.structured.zip_blocks`), then the units "
+             "inside each merged block; `width=\"max\"` rebuilds the merge on the model with more heads / groups, "
+             f"`\"min\"` on the one with fewer. Mean ± std over {n_seeds} seeds (one set of four models per seed). "
+             "Produced by", "", f"    {command}", ""]  # fmt: skip
+    for run in runs:
+        parts += [f"### {run.title}", "", width_markdown(run), ""]
+        parts += [f"- {n}" for n in run.notes]
+        parts += ["", f"Seconds: {run.seconds:.1f}.", ""]
+    return "\n".join(parts)
+
+
+def replace_section(text: str, heading: str, section: str | None) -> str:
+    """``text`` with the ``## `` section titled ``heading`` replaced by ``section`` (appended when absent; removed
+    when ``section`` is None)."""
+    lines = text.rstrip("\n").split("\n")
+    if heading in lines:
+        i = lines.index(heading)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:i] + lines[j:]
+    body = "\n".join(lines).rstrip("\n")
+    return body + "\n" if section is None else body + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def current_section(text: str, heading: str) -> str | None:
+    """The ``## `` section titled ``heading`` of ``text``, or None."""
+    lines = text.split("\n")
+    if heading not in lines:
+        return None
+    i = lines.index(heading)
+    j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+    return "\n".join(lines[i:j])
+
+
 def _pm(values: Sequence[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100.0 * statistics.mean(values):.1f} ± {100.0 * sd:.1f}"
@@ -267,12 +383,14 @@ def width_markdown(run: WidthRun) -> str:
     return "\n".join(lines)
 
 
-def width_text(run: WidthRun) -> str:
+def width_text(run: WidthRun, with_gap: bool = True) -> str:
     width = max(len(r) for r in run.scores) + 2
     head = "".ljust(width) + "".join(name.rjust(14) for _, name in METRICS)
     lines = [head, "-" * len(head)]
     lines += [row.ljust(width) + "".join(_pm([s[m] for s in v]).rjust(14) for m, _ in METRICS)
               for row, v in run.scores.items()]  # fmt: skip
+    if not with_gap:
+        return "\n".join(lines)
     gap = width_gap(run)
     lines.append(f"width merge - homogeneous narrow merge (joint): {100 * gap:+.1f} points "
                  f"({'within' if gap >= -WIDTH_CRITERION else 'NOT within'} {100 * WIDTH_CRITERION:.0f})")  # fmt: skip
@@ -361,7 +479,10 @@ def write_markdown(path: Path, runs: Sequence[FamilyRun], width_runs: Sequence[W
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=[f.name for f in FAMILIES] + ["width"],
-                        choices=[f.name for f in FAMILIES] + ["width"])  # fmt: skip
+                        choices=[f.name for f in FAMILIES] + ["width", "counts"],
+                        help="'counts' (not in the default): different numbers of heads / GroupNorm groups")  # fmt: skip
+    parser.add_argument("--count-archs", nargs="+", default=[a[0] for a in COUNT_ARCHS],
+                        choices=[a[0] for a in COUNT_ARCHS], help="architectures of the 'counts' section")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the width section")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
@@ -393,11 +514,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             run = run_width(split, kind, (wide, narrow), title, seeds, 3 if args.quick else None)
             width_runs.append(run)
             print(f"\n{title}\n{width_text(run)}")
+    count_runs = []
+    if "counts" in args.families:
+        seeds = [args.seed + i for i in range(n_seeds)]
+        for arch in COUNT_ARCHS:
+            if arch[0] in args.count_archs:
+                run = run_counts(split, arch, seeds, 3 if args.quick else None)
+                count_runs.append(run)
+                print(f"\n{arch[4]}\n{width_text(run, with_gap=False)}")
     total = time.perf_counter() - start
     print(f"\ntotal {total / 60:.1f} min")
     if not args.no_write:
         command = "python examples/digits_hetero.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_markdown(args.out / "results" / "digits_hetero.md", runs, width_runs, command.strip(), total, n_seeds)
+        path = args.out / "results" / "digits_hetero.md"
+        kept = current_section(path.read_text(), COUNTS_HEADING) if path.exists() else None
+        if runs or width_runs:
+            write_markdown(path, runs, width_runs, command.strip(), total, n_seeds)
+        section = counts_section(count_runs, command.strip(), n_seeds) if count_runs else kept
+        if section is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old = path.read_text() if path.exists() else "# Heterogeneous merging on the digits 5+5 split\n"
+            path.write_text(replace_section(old, COUNTS_HEADING, section))
 
 
 if __name__ == "__main__":

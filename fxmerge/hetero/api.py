@@ -235,7 +235,8 @@ def merge_hetero_with(
     corrs = _count_correspondence(specs) if info["segmentation"] is None else None
     if corrs is not None:
         return _merge_block_counts(models, method, data, example_inputs, opt, het, specs, structs, corrs, (t0, t1))
-    _check_depth_counts(specs, structs, slots, deep)
+    if info["segmentation"] is not None:
+        _check_depth_counts(specs, structs, slots, deep)
     twins = {m: expand(models[deep], models[m], structs[deep], structs[m], specs[deep], slots[m],
                        example_inputs=example_inputs) for m in range(len(models)) if m != deep}  # fmt: skip
     errors = _check_identity(twins)

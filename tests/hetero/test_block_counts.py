@@ -6,7 +6,8 @@ reproduced at either block count (fp64); hand-computed block zips; and the error
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -146,6 +147,39 @@ def test_duplicated_groupnorm_groups_copy_is_reproduced_at_both_group_counts() -
         assert (merged.gn1.num_groups, merged.gn2.num_groups, merged.gn1.num_channels) == (groups, groups, 2 * groups)
         _close(merged, [small, big], IMAGES)
         assert len(result.report["block_counts"]) == 2
+
+
+def _perturbed(model: nn.Module, eps: float, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(eps * torch.randn(p.shape, dtype=p.dtype, generator=gen))
+    return model
+
+
+@torch.no_grad()
+def _relative_error(model: nn.Module, target: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    return max(float((model(x) - target(x)).norm() / target(x).norm()) for x in TOKENS)
+
+
+def test_block_zip_finds_the_copies_of_each_head_in_a_perturbed_copy() -> None:
+    """2 heads vs a perturbed copy with 4 heads (heads 1, 0, 0, 1), default ZipIt settings, width 'min': the block
+    zip puts each head's copies with it (measured: 1.6% from the parents' mean output, each parent 12.5% from it);
+    blocks assigned by position instead (0, 1, 0, 1: the copies of head 0 and 1 swapped) land 14.9% away."""
+    small = seeded(HeadsNet, 0)
+    big = _perturbed(duplicated_heads(small, (1, 0, 0, 1)), 0.05, 1)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return (small(x) + big(x)) / 2
+
+    kw = {"method": "zipit", "data": TOKENS, "example_inputs": TOKENS[0], "width": "min", "progress": False}
+    result = merge_hetero([small, big], **kw)
+    assert next(iter(result.report["engine"]["blocks"].values())) == [[0, 1], [1, 0, 0, 1]]
+    by_position = lambda scores, counts, target, **_: [np.arange(c) % target for c in counts]  # noqa: E731
+    with mock.patch("fxmerge.hetero.structured.zip_blocks", by_position):
+        naive = merge_hetero([small, big], **kw)
+    zipped, parent, positional = (_relative_error(m, mean) for m in (result.model, small, naive.model))
+    assert zipped < 0.02 and 0.12 < parent < 0.13 and positional > 0.14
 
 
 def test_zip_blocks_by_hand() -> None:
