@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxmerge.capture.trace import _LeafTracer
+from fxmerge.capture.frontends import _LeafTracer
 from fxmerge.infer.registry import RULES
 
 
