@@ -8,11 +8,10 @@ exist and that ``pkg.module:callable`` references import.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from fxmerge.config.messages import config_message, format_validation_error, suggest
 from fxmerge.config.refs import check_callable, check_model_ref, resolve_path
 from fxmerge.errors import ConfigError
 from fxmerge.merge.methods import aliases_of, method_class, method_names, resolve_method, settings_of
@@ -141,7 +141,7 @@ def option_errors(method: str, options: Mapping[str, Any]) -> list[str]:
             allowed = sorted({*names, *alias, *MergeOptions.model_fields, *HeteroOptions.model_fields})
             owners = [n for n in method_names() if key in settings_of(method_class(n)) or key in aliases_of(
                 method_class(n))]  # fmt: skip
-            where = f"; it is a setting of {', '.join(owners)}" if owners else _suggest(key, allowed)
+            where = f"; it is a setting of {', '.join(owners)}" if owners else suggest(key, allowed)
             errors.append(
                 f"options.{key}: not a setting of method {method!r}{where} (allowed: {', '.join(allowed)})"
             )
@@ -277,7 +277,7 @@ class MergeConfig(_Strict):
         names = method_names()
         if value not in names:
             raise ValueError(
-                f"unknown method {value!r}; choose one of {', '.join(names)}{_suggest(value, names)}"
+                f"unknown method {value!r}; choose one of {', '.join(names)}{suggest(value, names)}"
             )
         return value
 
@@ -336,58 +336,6 @@ def cross_field_errors(cfg: MergeConfig) -> list[str]:
     return errors
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """``field.path: message`` lines; unknown keys list the allowed ones (and the closest match)."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        path = _dotted(loc)
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            msg = f"unknown key {loc[-1]!r}"
-            if allowed:
-                msg += f"; allowed: {', '.join(allowed)}{_suggest(str(loc[-1]), allowed)}"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("value_error", "assertion_error") and "input" in err:
-                msg += f" (got {err['input']!r})"
-        lines.append(f"{path or '<top level>'}: {msg}")
-    return lines
-
-
-def _dotted(loc: tuple) -> str:
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-
-
-def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    cls: type[BaseModel] | None = MergeConfig
-    for part in loc:
-        if cls is None:
-            return []
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(str(part))
-        cls = _inner_model(field.annotation) if field is not None else None
-    return list(cls.model_fields) if cls is not None else []
-
-
-def _inner_model(tp: Any) -> type[BaseModel] | None:
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    for arg in get_args(tp):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def parse_merge_config(data: Any, root: str | Path | None = None, source: str = "config") -> MergeConfig:
     """Validate an already-loaded mapping; ``root`` anchors relative paths (default: the current folder)."""
     if not isinstance(data, Mapping):
@@ -398,16 +346,12 @@ def parse_merge_config(data: Any, root: str | Path | None = None, source: str = 
     try:
         cfg = MergeConfig.model_validate(dict(data), context={"root": base})
     except ValidationError as exc:
-        raise ConfigError(_message(source, format_validation_error(exc))) from exc
+        raise ConfigError(config_message(source, format_validation_error(exc, MergeConfig))) from exc
     cross = cross_field_errors(cfg)
     if cross:
-        raise ConfigError(_message(source, cross))
+        raise ConfigError(config_message(source, cross))
     cfg._root, cfg._source = base, source
     return cfg
-
-
-def _message(source: str, lines: list[str]) -> str:
-    return f"{source} is invalid:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def load_merge_config(path: str | Path) -> MergeConfig:
