@@ -265,15 +265,14 @@ class CorrelationAccumulator:
         mean_y = b["sum"] / n
         return mean_y, second / n - torch.outer(mean_y, mean_y)
 
-    def raw_second_moment(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-        """``(mean_y, M)`` of the samples ``y`` as accumulated (shifted by the accumulator's shift): their mean [D]
-        and second moment ``M = sum y y^T / n`` [D, D], full and exactly symmetric, in ``dtype`` on the
-        accumulator's device. Built in one [D, D] buffer (the lower triangle mirrored block by block), so the
-        peak is one matrix in ``dtype`` beside the accumulator's own."""
+    def raw_second_moment(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The second moment ``M = sum y y^T / n`` [D, D] of the samples ``y`` as accumulated (shifted by the
+        accumulator's shift), full and exactly symmetric, in ``dtype`` on the accumulator's device. Built in one
+        [D, D] buffer (the lower triangle mirrored block by block), so the peak is one matrix in ``dtype`` beside
+        the accumulator's own."""
         if self._count == 0:
             raise MergeError("no samples were accumulated; call update() with at least one batch first.")
-        b, n = self._buffers, float(self._count)
-        m = b["moment"].to(dtype, copy=True)
+        m = self._buffers["moment"].to(dtype, copy=True)
         d, step = m.shape[0], 1024
         for a in range(0, d, step):
             z = min(d, a + step)
@@ -281,7 +280,7 @@ class CorrelationAccumulator:
             blk.copy_(blk.tril() + blk.tril(-1).T)
             if z < d:
                 m[a:z, z:] = m[z:, a:z].T  # the strictly lower rows below the block, mirrored
-        return (b["sum"] / n).to(dtype), m.div_(n)
+        return m.div_(float(self._count))
 
     def release(self) -> None:
         """Free the buffers (the accumulator cannot be used afterwards)."""

@@ -128,7 +128,7 @@ class _Points:
         ``1 - sum|a - b| / sum(|a| + |b|)`` (1 for equal values)."""
         assert self._mean is not None
         seen = [j for j, n in enumerate(self.count) if n > 0]
-        _, cov = acc.raw_second_moment(torch.float64)
+        cov = acc.raw_second_moment(torch.float64)
         inv = 1.0 / acc.count
         for s_j, d, n in self._terms:
             s_j, d = s_j.to(cov.device), d.to(cov.device)

@@ -160,12 +160,11 @@ def test_raw_second_moment_is_the_full_symmetric_product(dtype: torch.dtype) -> 
     feats = [torch.randn(300, 700, generator=gen, dtype=dtype), torch.randn(300, 800, generator=gen, dtype=dtype)]
     acc = CorrelationAccumulator([700, 800], dtype=dtype)
     acc.update(feats)
-    mean_y, m = acc.raw_second_moment()
+    m = acc.raw_second_moment()
     y = torch.cat(feats, dim=1).double() - acc._shift.double()
     assert m.dtype == torch.float64 and torch.equal(m, m.T)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(m, y.T @ y / 300, rtol=0, atol=tol)
-    torch.testing.assert_close(mean_y, y.mean(dim=0), rtol=0, atol=tol)
     acc.release()
     with pytest.raises(MergeError, match="no samples"):
         acc.raw_second_moment()
