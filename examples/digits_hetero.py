@@ -326,7 +326,7 @@ def run_counts(split: DigitsSplit, arch: tuple[str, int, tuple[int, int], str, s
     return run
 
 
-def counts_section(runs: Sequence[WidthRun], command: str, n_seeds: int) -> str:
+def counts_section(runs: Sequence[WidthRun], command: str, seeds: Sequence[int]) -> str:
     """The markdown section of the block-count runs (``COUNTS_HEADING`` and its tables)."""
     parts = [COUNTS_HEADING, "",
              "Models of one architecture and width whose numbers of attention heads / GroupNorm groups differ, trained "
@@ -334,8 +334,9 @@ def counts_section(runs: Sequence[WidthRun], command: str, n_seeds: int) -> str:
              "fewer blocks on A with the one with more blocks on B (and the reverse: \"both directions\", averaged). "
              "Elastic ZipIt zips the heads / groups themselves (`fxmerge.hetero.structured.zip_blocks`), then the units "
              "inside each merged block; `width=\"max\"` rebuilds the merge on the model with more heads / groups, "
-             f"`\"min\"` on the one with fewer. Mean ± std over {n_seeds} seeds (one set of four models per seed). "
-             "Produced by", "", f"    {command}", ""]  # fmt: skip
+             f"`\"min\"` on the one with fewer. Mean ± std over seeds {', '.join(map(str, seeds))} (one set of four "
+             f"models per seed). Produced in {sum(r.seconds for r in runs) / 60:.1f} min on one CPU thread by", "",
+             f"    {command}", ""]  # fmt: skip
     for run in runs:
         parts += [f"### {run.title}", "", width_markdown(run), ""]
         parts += [f"- {n}" for n in run.notes]
@@ -530,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         kept = current_section(path.read_text(), COUNTS_HEADING) if path.exists() else None
         if runs or width_runs:
             write_markdown(path, runs, width_runs, command.strip(), total, n_seeds)
-        section = counts_section(count_runs, command.strip(), n_seeds) if count_runs else kept
+        seeds = [args.seed + i for i in range(n_seeds)]
+        section = counts_section(count_runs, command.strip(), seeds) if count_runs else kept
         if section is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             old = path.read_text() if path.exists() else "# Heterogeneous merging on the digits 5+5 split\n"

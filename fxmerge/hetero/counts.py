@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fxmerge.errors import MergeError
+from fxmerge.hetero.width import WidthTarget
 from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
 
@@ -27,12 +28,10 @@ __all__ = [
     "block_families",
     "correspond",
     "count_targets",
+    "describe_group",
     "mapped_signature",
     "skeleton_model",
 ]
-
-WidthTarget = str | int | Mapping[int, int]
-
 
 @dataclass
 class Correspondence:

@@ -373,8 +373,8 @@ def expand(
     if not padded and err > EXACT_TOL * (1.0 + scale):
         raise MergeError(
             f"the deeper model rebuilt at the other model's widths does not compute that model's function (max output "
-            f"deviation {err:.3g}): the models differ in the number of attention heads or norm groups, or a size is "
-            "hard-coded in forward(). Elastic width changes the size of heads and groups (head dimension, channels "
-            "per group), not their number."
+            f"deviation {err:.3g}): a size is hard-coded in forward(), or a count (attention heads, norm groups) is tied "
+            "to a width. Models whose numbers of heads / groups differ are merged directly when their tensors and "
+            "layouts correspond otherwise (see docs/hetero.md, 'Block counts and the skeleton')."
         )
     return Twin(twin, tuple(slots), tuple(padded), absent_groups(spec, deep, padded), widths, err, scale)

@@ -103,6 +103,12 @@ def _pair_blocks(sims: Sequence[np.ndarray], pers: list[list[int]], offsets: lis
     return out
 
 
+def _units(block_of: np.ndarray, g: int, offset: int, per: int) -> np.ndarray:
+    """Stacked indices of the units of one model's blocks that merge into block ``g``."""
+    blocks = np.flatnonzero(block_of == g)
+    return (offset + blocks[:, None] * per + np.arange(per)[None, :]).reshape(-1).astype(np.int64)
+
+
 def _zip_units(sim: torch.Tensor, per: list[int], offs: np.ndarray, block_of: list[np.ndarray], n_merged: int,
                k: int, *, alpha: float, beta: float) -> tuple[np.ndarray, list[float]]:  # fmt: skip
     """Merged unit of every stacked unit of one space: the units of each merged block's member blocks zipped to
@@ -110,11 +116,7 @@ def _zip_units(sim: torch.Tensor, per: list[int], offs: np.ndarray, block_of: li
     cols = np.full(int(offs[-1]), -1, dtype=np.int64)
     picks = []
     for g in range(n_merged):
-        idx = [
-            np.concatenate([offs[m] + b * per[m] + np.arange(per[m]) for b in np.flatnonzero(block_of[m] == g)]
-                           or [np.zeros(0, dtype=np.int64)])
-            for m in range(len(per))
-        ]  # fmt: skip
+        idx = [_units(block_of[m], g, int(offs[m]), per[m]) for m in range(len(per))]
         present = [m for m in range(len(per)) if idx[m].size]
         flat = torch.as_tensor(np.concatenate([idx[m] for m in present]))
         sizes = [int(idx[m].size) for m in present]
