@@ -136,6 +136,23 @@ def test_duplicated_heads_copy_is_reproduced_at_both_head_counts(order) -> None:
                 assert [blocks[1 - i][g] for g in order] == blocks[i]
 
 
+def test_three_models_with_two_and_four_heads() -> None:
+    """2 heads and two 4-head copies (heads 0 1 0 1 and 1 0 0 1): 'max' is rebuilt on the first 4-head model, 'min'
+    on the 2-head one; every merged head holds copies of one head only, so the function is kept."""
+    small = seeded(HeadsNet, 0)
+    models = [small, duplicated_heads(small, (0, 1, 0, 1)), duplicated_heads(small, (1, 0, 0, 1))]
+    for width, heads, skeleton in (("max", 4, 1), ("min", 2, 0)):
+        result = merge_hetero(models, data=TOKENS, example_inputs=TOKENS[0], width=width, **ZIP)
+        assert result.model.heads == heads and result.report["skeleton_model"] == skeleton
+        _close(result.model, models, TOKENS)
+        blocks = next(iter(result.report["engine"]["blocks"].values()))
+        source = [[0, 1], [0, 1, 0, 1], [1, 0, 0, 1]]  # the 2-head model's head behind every block
+        merged = {}
+        for bl, src in zip(blocks, source, strict=True):
+            for b, h in zip(bl, src, strict=True):
+                assert merged.setdefault(b, h) == h
+
+
 def test_duplicated_groupnorm_groups_copy_is_reproduced_at_both_group_counts() -> None:
     """GroupNorm(2) in two layers vs the same function with GroupNorm(4) (each group twice)."""
     small = seeded(GroupsNet, 0)
@@ -209,6 +226,20 @@ def test_zip_structured_with_different_block_counts_by_hand() -> None:
     # one merged block from three: every unit lands in [0, 2)
     block_of, cols, _ = zip_structured([sim], [[2, 4]], [1, 2], [2], alpha=0.5, beta=1.0, target_blocks=1)
     assert [b.tolist() for b in block_of] == [[0], [0, 0]] and set(cols[0].tolist()) == {0, 1}
+
+
+def test_a_merged_block_with_fewer_units_than_the_block_size_keeps_them_and_stays_partly_empty() -> None:
+    """Model 0: one block of 4 units (u0-u3); model 1: two blocks of 1 (v0 | v1). Target 2 blocks of 4: u joins v0
+    (u0~v0 0.9 against 0.2 for v1), u0 and v0 zip into one unit; v1 alone fills unit 4 of merged block 1, units
+    5-7 get nothing."""
+    sim = torch.zeros(6, 6, dtype=torch.float64)
+    for (i, j), v in {(0, 4): 0.9, (1, 5): 0.2, (4, 5): 0.1}.items():
+        sim[i, j] = sim[j, i] = v
+    sim.fill_diagonal_(1.0)
+    block_of, cols, _ = zip_structured([sim], [[4, 2]], [1, 2], [8], alpha=0.5, beta=1.0, target_blocks=2)
+    assert [b.tolist() for b in block_of] == [[0], [0, 1]]
+    c = cols[0].tolist()
+    assert c[0] == c[4] and sorted(c[:4]) == [0, 1, 2, 3] and c[5] == 4
 
 
 def test_block_count_errors() -> None:
