@@ -33,6 +33,7 @@ __all__ = [
     "skeleton_model",
 ]
 
+
 @dataclass
 class Correspondence:
     """How another model's groups correspond to a reference model's.
