@@ -26,7 +26,15 @@ from torch import nn
 from fxmerge.errors import MergeError
 from fxmerge.hetero.align import align_depth, block_cka, check_alignable
 from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
-from fxmerge.hetero.counts import Correspondence, correspond, count_targets, describe_group, skeleton_model
+from fxmerge.hetero.counts import (
+    Correspondence,
+    check_depth_counts,
+    correspond,
+    correspond_all,
+    count_targets,
+    rebuild_error,
+    skeleton_model,
+)
 from fxmerge.hetero.depth import Segmentation
 from fxmerge.hetero.engine import merge_states
 from fxmerge.hetero.expand import Twin, expand, param_map
@@ -232,11 +240,12 @@ def merge_hetero_with(
                          cka_batches if cka_batches is not None else max_batches, progress)  # fmt: skip
     deep = info["deep_model"]
     t1 = time.perf_counter()
-    corrs = _count_correspondence(specs) if info["segmentation"] is None else None
+    corrs = correspond_all(specs) if info["segmentation"] is None else None
     if corrs is not None:
         return _merge_block_counts(models, method, data, example_inputs, opt, het, specs, structs, corrs, (t0, t1))
     if info["segmentation"] is not None:
-        _check_depth_counts(specs, structs, slots, deep)
+        pairs = {m: param_map(structs[deep], structs[m], slots[m]) for m in range(len(models)) if m != deep}
+        check_depth_counts(specs, deep, pairs)
     twins = {m: expand(models[deep], models[m], structs[deep], structs[m], specs[deep], slots[m],
                        example_inputs=example_inputs) for m in range(len(models)) if m != deep}  # fmt: skip
     errors = _check_identity(twins)
@@ -314,39 +323,6 @@ def _common_report(method: Any, het: HeteroOptions, opt: MergeOptions, models: l
     }
 
 
-def _count_correspondence(specs: list[PermutationSpec]) -> list[Correspondence] | None:
-    """Every model's groups paired with model 0's when the models share one structure but differ in their numbers
-    of blocks (attention heads, GroupNorm groups); None when the counts agree or the structures differ otherwise."""
-    try:
-        corrs = [correspond(specs[0], s, ("model 0", f"model {m}")) for m, s in enumerate(specs)]
-    except MergeError:
-        return None
-    return corrs if any(c.counts for c in corrs) else None
-
-
-def _check_depth_counts(specs: list[PermutationSpec], structs: list[BlockStructure], slots: list[list[int]],
-                        deep: int) -> None:  # fmt: skip
-    """Refuse a depth merge of models whose numbers of heads / groups differ: the shallower model's padded twin is
-    rebuilt on the deeper model's graph, whose block counts are fixed in its code."""
-    for m in range(len(specs)):
-        if m == deep:
-            continue
-        try:
-            pairs = param_map(structs[deep], structs[m], slots[m])
-            corr = correspond(specs[deep], specs[m], (f"model {deep}", f"model {m}"), pairs=pairs)
-        except MergeError:
-            continue  # the expansion says what does not correspond
-        if corr.counts:
-            desc = "; ".join(f"{describe_group(specs[deep], g)}: {a} blocks in model {deep}, {b} in model {m}"
-                             for g, (a, b) in corr.counts.items())  # fmt: skip
-            raise MergeError(
-                f"the models differ in depth and in their numbers of attention heads / GroupNorm groups ({desc}). A "
-                f"depth merge rebuilds model {m} on the deeper model {deep}'s graph, whose block counts are fixed in "
-                f"its code, so the rebuilt model would not compute model {m}'s function. Merge models with the same "
-                "block counts, or of the same depth (width-only merges accept different block counts)."
-            )
-
-
 def _merge_block_counts(
     models: list[nn.Module], method: Any, data: Any, example_inputs: Any, opt: MergeOptions, het: HeteroOptions,
     specs: list[PermutationSpec], structs: list[BlockStructure], corrs: list[Correspondence],
@@ -374,8 +350,11 @@ def _merge_block_counts(
     state, engine_report = merge_states(engine_models, [specs[m] for m in order], absent=[frozenset()] * n,
                                         targets=targets, data=data, method=method, opts=opt, base=0,
                                         head_shares=head_shares, maps=[c.signature_map() for c in ref])  # fmt: skip
-    skeleton, spec = _build(models[skel], specs[skel], targets, state, engine_models, head_shares, engine_report,
-                            data, example_inputs, opt)  # fmt: skip
+    try:
+        skeleton, spec = _build(models[skel], specs[skel], targets, state, engine_models, head_shares, engine_report,
+                                data, example_inputs, opt)  # fmt: skip
+    except MergeError as e:
+        raise rebuild_error(e, skel, sizes, targets0) from e
     to_model0 = {r: o for o, r in ref[order.index(0)].to_ref.items()}
     engine_report["blocks"] = {f"g{to_model0[int(k[1:])]}": [v[order.index(m)] for m in range(n)]
                                for k, v in engine_report["blocks"].items()}  # fmt: skip

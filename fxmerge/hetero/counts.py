@@ -26,10 +26,13 @@ from fxmerge.ir.spec import PermutationSpec
 __all__ = [
     "Correspondence",
     "block_families",
+    "check_depth_counts",
     "correspond",
+    "correspond_all",
     "count_targets",
     "describe_group",
     "mapped_signature",
+    "rebuild_error",
     "skeleton_model",
 ]
 
@@ -159,6 +162,49 @@ def correspond(
     return w.out
 
 
+def correspond_all(specs: Sequence[PermutationSpec]) -> list[Correspondence] | None:
+    """Every model's groups paired with model 0's when the models share one structure but differ in their numbers
+    of blocks (attention heads, GroupNorm groups); None when the counts agree or the structures differ otherwise."""
+    try:
+        corrs = [correspond(specs[0], s, ("model 0", f"model {m}")) for m, s in enumerate(specs)]
+    except MergeError:
+        return None
+    return corrs if any(c.counts for c in corrs) else None
+
+
+def check_depth_counts(specs: Sequence[PermutationSpec], deep: int, pairs: Mapping[int, Mapping[str, str]]) -> None:
+    """Refuse a depth merge of models whose numbers of heads / groups differ (``pairs``: per shallower model, deep
+    tensor name -> its tensor name): its padded twin is rebuilt on the deeper model's graph, whose block counts are
+    fixed in its code."""
+    for m, names in pairs.items():
+        try:
+            corr = correspond(specs[deep], specs[m], (f"model {deep}", f"model {m}"), pairs=names)
+        except MergeError:
+            continue  # the expansion says what does not correspond
+        if corr.counts:
+            desc = "; ".join(f"{describe_group(specs[deep], g)}: {a} blocks in model {deep}, {b} in model {m}"
+                             for g, (a, b) in corr.counts.items())  # fmt: skip
+            raise MergeError(
+                f"the models differ in depth and in their numbers of attention heads / GroupNorm groups ({desc}). A "
+                f"depth merge rebuilds model {m} on the deeper model {deep}'s graph, whose block counts are fixed in "
+                f"its code, so the rebuilt model would not compute model {m}'s function. Merge models with the same "
+                "block counts, or of the same depth (width-only merges accept different block counts)."
+            )
+
+
+def rebuild_error(error: MergeError, skel: int, sizes: Sequence[Mapping[int, int]], targets: Mapping[int, int]
+                  ) -> MergeError:  # fmt: skip
+    """``error`` (the model rebuilt at the target widths does not run) with the widths it was rebuilt at and the fix."""
+    differ = {f"g{g}": {"sizes": [s[g] for s in sizes], "target": k} for g, k in targets.items()
+              if len({s[g] for s in sizes}) > 1}  # fmt: skip
+    return MergeError(
+        f"{error} The merge is rebuilt from model {skel} (it has the target numbers of heads / groups) at the widths "
+        f"{differ} (group ids of model 0). If forward() ties the units per head / group to another width (e.g. "
+        "head_dim = width // heads), pass width as a dict whose widths keep that relation for model "
+        f"{skel}'s counts."
+    )
+
+
 def mapped_signature(lay: Layout, gmap: Mapping[int, int], collapse: set[int]) -> tuple:
     """The layout with group ids mapped to the reference's (``gmap``: :meth:`Correspondence.signature_map`) and sizes
     left out; a structured layout whose outer group maps into ``collapse`` (block counts differ across the models) is
@@ -217,8 +263,9 @@ def count_targets(
 
     The count must be one model's (else a :class:`MergeError` naming the group, the counts and the fix). The block
     size (the family's inner groups) follows the models that have the target count (their largest block size for
-    ``"max"`` and for a dict that does not name the inner group, their smallest for ``"min"``); an int or a dict
-    entry sets it as for any group.
+    ``"max"`` and for a dict that names none of the family's inner groups, their smallest for ``"min"``); an int
+    sets it as for any group, and a dict entry for one inner group sets the unnamed inner groups of its family too
+    (q/k and v of the same heads).
 
     Args:
         sizes: per model, group sizes keyed by ``spec``'s group ids (the outer group's size is the block count).
@@ -234,11 +281,13 @@ def count_targets(
         if out[gid] not in counts:
             raise _count_error(spec, gid, counts, out[gid])
         chosen = [m for m, c in enumerate(counts) if c == out[gid]]
-        for inner in families.get(gid, []):
+        inners = families.get(gid, [])
+        named = [int(width[i]) for i in inners if isinstance(width, Mapping) and i in width]
+        for inner in inners:
             if isinstance(width, int) or (isinstance(width, Mapping) and inner in width):
                 continue
             values = [int(sizes[m][inner]) for m in chosen]
-            out[inner] = min(values) if width == "min" else max(values)
+            out[inner] = named[0] if named else min(values) if width == "min" else max(values)
     return out
 
 

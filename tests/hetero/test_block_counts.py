@@ -262,6 +262,21 @@ def test_block_count_errors() -> None:
     assert result.report["skeleton_model"] == 0
 
 
+def test_head_dimension_tied_to_the_width_needs_a_dict() -> None:
+    """Transformers whose head dimension is width // heads (models.py), width 16 with 2 heads vs width 8 with 4: at
+    'max' (width 16, model 1's 4 heads of 2) the rebuilt model does not run and the error lists the widths; the dict
+    {width: 16, heads: 4, one head-dim group: 4} sets all head dimensions and gives a 4-head model of width 16."""
+    a, b = seeded(Transformer, 0, 1, 16, 2), seeded(Transformer, 1, 1, 8, 4)
+    kw = {"method": "zipit", "data": TOKENS, "example_inputs": TOKENS[0], "progress": False}
+    with pytest.raises(MergeError, match=r"rebuilt from model 1 .*'g3': \{'sizes': \[2, 4\], 'target': 4\}.*as a dict"):
+        merge_hetero([a, b], width="max", **kw)
+    result = merge_hetero([a, b], width={0: 16, 3: 4, 1: 4}, **kw)
+    attn = result.model.blocks[0].attn
+    assert attn.heads == 4 and attn.qkv.weight.shape == (48, 16) and result.report["skeleton_model"] == 1
+    assert {result.report["widths"][f"g{g}"]["target"] for g in (1, 2, 4, 5)} == {4}
+    assert torch.isfinite(result.model(TOKENS[0])).all()
+
+
 def test_depth_merge_with_different_head_counts_is_refused() -> None:
     deep, shallow = seeded(Transformer, 0, 2, 8, 2), seeded(Transformer, 1, 1, 8, 4)
     with pytest.raises(MergeError, match=r"differ in depth and in their numbers of attention heads"):
