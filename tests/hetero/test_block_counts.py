@@ -251,6 +251,8 @@ def test_block_count_errors() -> None:
         merge_hetero([small, big], width=3, **kw)
     with pytest.raises(MergeError, match=r"differ in width.*width='max'"):
         merge_hetero([small, big], **kw)
+    assert merge_hetero([small, big], width=4, **kw).model.heads == 4  # an int that is one model's count
+    assert merge_hetero([small, big], width={3: 2}, **kw).model.heads == 2  # g3: the heads (model 0's ids)
     # counts no single model has: 2 then 4 GroupNorm groups vs 4 then 2
     a, b = seeded(GroupsNet, 0, (2, 4)), seeded(GroupsNet, 1, (4, 2))
     kw = {"data": IMAGES, "example_inputs": IMAGES[0], "method": "zipit", "progress": False}
