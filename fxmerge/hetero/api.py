@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -53,6 +54,8 @@ from fxmerge.merge.checks import check_models_and_method, check_tensors
 from fxmerge.merge.methods import method_name, method_settings, resolve
 from fxmerge.merge.options import HeteroOptions, MergeOptions
 from fxmerge.merge.result import MergeResult
+from fxmerge.merge.spaces import find_spaces
+from fxmerge.passes.registry import PostContext, run_post_passes
 
 __all__ = ["DEPTH_METHODS", "merge_hetero"]
 
@@ -71,6 +74,8 @@ def _validate(models: Any, method: Any, data: Any, het: HeteroOptions, opts: Mer
                          "BatchNorm models are re-normalised with reset_bn=True.")  # fmt: skip
     if opts.stop_at is not None:
         raise MergeError("stop_at= (partial zipping) is not supported for heterogeneous merges.")
+    if opts.post and data is None:
+        raise MergeError("post-passes (post=[...]) need data to measure the parents' statistics")
 
 
 def _overrides(blocks: Sequence[BlockOverride | None] | None, n: int) -> list[BlockOverride | None]:
@@ -261,10 +266,10 @@ def merge_hetero_with(
     targets = target_widths(sizes, width if width is not None else "max", absent)
     t2 = time.perf_counter()
     head_shares: dict[str, list[Any]] = {}
-    state, engine_report = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
-                                        method=method, opts=opt, base=deep, head_shares=head_shares)  # fmt: skip
-    skeleton, spec = _build(models[deep], specs[deep], targets, state, engine_models, head_shares, engine_report,
-                            data, example_inputs, opt)  # fmt: skip
+    state, engine_report, trs = merge_states(engine_models, engine_specs, absent=absent, targets=targets, data=data,
+                                             method=method, opts=opt, base=deep, head_shares=head_shares)  # fmt: skip
+    skeleton, spec = _build(models[deep], specs[deep], targets, state, _Parents(engine_models, engine_specs, trs),
+                            head_shares, engine_report, data, example_inputs, opt)  # fmt: skip
     report = {
         **_common_report(method, het, opt, models, structs, info),
         "deep_model": deep,
@@ -283,13 +288,23 @@ def _timings(t0: float, t1: float, t2: float) -> dict[str, float]:
     return {"blocks_and_alignment": t1 - t0, "expansion": t2 - t1, "merge": time.perf_counter() - t2}
 
 
+@dataclass
+class _Parents:
+    """The models the engine merged (padded twins for depth merges), each with its spec and matchings."""
+
+    models: list[nn.Module]
+    specs: list[PermutationSpec]
+    transforms: list[Any]
+
+
 def _build(
-    base: nn.Module, base_spec: PermutationSpec, targets: dict[int, int], state: dict[str, Any],
-    engine_models: list[nn.Module], head_shares: dict[str, list[Any]], engine_report: dict[str, Any], data: Any,
-    example_inputs: Any, opt: MergeOptions,
+    base: nn.Module, base_spec: PermutationSpec, targets: dict[int, int], state: dict[str, Any], parents: _Parents,
+    head_shares: dict[str, list[Any]], engine_report: dict[str, Any], data: Any, example_inputs: Any,
+    opt: MergeOptions,
 ) -> tuple[nn.Module, PermutationSpec]:  # fmt: skip
-    """The merged model: ``base`` rebuilt at the target widths holding ``state``, BatchNorm statistics reset and
-    heads balanced (models of different widths); and its spec."""
+    """The merged model: ``base`` rebuilt at the target widths holding ``state``, BatchNorm statistics reset,
+    heads balanced (models of different widths) and the post-passes of ``opt.post`` run; and its spec."""
+    engine_models = parents.models
     resized = targets != group_sizes(base_spec)
     skeleton = (resize_model(base, base_spec, targets, example_inputs=example_inputs) if resized
                 else copy.deepcopy(base))  # fmt: skip
@@ -302,7 +317,18 @@ def _build(
         engine_report["head_balance"] = balance_heads(skeleton, engine_models, head_shares, data,
                                                       max_batches=opt.max_batches)  # fmt: skip
     spec = infer_groups(skeleton, example_inputs, frontend=opt.frontend) if resized else base_spec
+    if opt.post:
+        skeleton, engine_report["post"] = _post_passes(skeleton, spec, parents, data, opt)
     return skeleton, spec
+
+
+def _post_passes(merged: nn.Module, spec: PermutationSpec, parents: _Parents, data: Any,
+                 opt: MergeOptions) -> tuple[nn.Module, list]:  # fmt: skip
+    """The registered post-passes of ``opt.post`` on the merged model; each parent's per-unit statistics are
+    merged through its own spec and matchings."""
+    ctx = PostContext(parents.models, spec, find_spaces(spec)[0], {}, data, False, opt.max_batches, opt.progress,
+                      model_specs=parents.specs, model_transforms=parents.transforms)  # fmt: skip
+    return run_post_passes(merged, ctx, opt.post)
 
 
 def _common_report(method: Any, het: HeteroOptions, opt: MergeOptions, models: list[nn.Module],
@@ -347,12 +373,13 @@ def _merge_block_counts(
     t2 = time.perf_counter()
     head_shares: dict[str, list[Any]] = {}
     engine_models = [models[m] for m in order]
-    state, engine_report = merge_states(engine_models, [specs[m] for m in order], absent=[frozenset()] * n,
-                                        targets=targets, data=data, method=method, opts=opt, base=0,
-                                        head_shares=head_shares, maps=[c.signature_map() for c in ref])  # fmt: skip
+    engine_specs = [specs[m] for m in order]
+    state, engine_report, trs = merge_states(engine_models, engine_specs, absent=[frozenset()] * n, targets=targets,
+                                             data=data, method=method, opts=opt, base=0, head_shares=head_shares,
+                                             maps=[c.signature_map() for c in ref])  # fmt: skip
     try:
-        skeleton, spec = _build(models[skel], specs[skel], targets, state, engine_models, head_shares, engine_report,
-                                data, example_inputs, opt)  # fmt: skip
+        skeleton, spec = _build(models[skel], specs[skel], targets, state, _Parents(engine_models, engine_specs, trs),
+                                head_shares, engine_report, data, example_inputs, opt)  # fmt: skip
     except MergeError as e:
         raise rebuild_error(e, skel, sizes, targets0) from e
     to_model0 = {r: o for o, r in ref[order.index(0)].to_ref.items()}

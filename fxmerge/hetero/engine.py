@@ -236,7 +236,7 @@ def merge_states(
     base: int = 0,
     head_shares: dict[str, list[torch.Tensor]] | None = None,
     maps: list[dict[int, int]] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Transforms]]:
     """Merged state dict (at the target widths) of models sharing one graph.
 
     Args:
@@ -255,7 +255,9 @@ def merge_states(
             model 0's ids, and model 0 must have the target block counts.
 
     Returns:
-        (state dict, report) — the report lists the spaces, absent spaces and matching values.
+        (state dict, report, per model its matchings keyed by its own layouts) — the report lists the spaces,
+        absent spaces and matching values; the matchings map each model's units onto the merged ones (post-passes
+        merge per-unit statistics with them).
     """
     n = len(models)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
@@ -280,7 +282,7 @@ def merge_states(
         "blocks": block_zip,
         **log,
     }
-    return merged, report
+    return merged, report, trs
 
 
 def has_grouped_output(spec: PermutationSpec, name: str) -> bool:

@@ -117,6 +117,9 @@ class PostContext:
 
     ``spec`` is None for plain averaging (the parents are then taken unit for unit). ``one_to_one`` says
     whether every parent was permuted onto the merged units (align methods), which :meth:`aligned` needs.
+    ``spec`` and ``spaces`` describe the merged model; the parents share them unless ``model_specs`` and
+    ``model_transforms`` give each parent its own spec and matchings (heterogeneous merges: parents of different
+    widths, keyed by their own layouts).
     """
 
     models: Sequence[nn.Module]
@@ -127,6 +130,8 @@ class PostContext:
     one_to_one: bool
     num_batches: int | None = None
     progress: bool = True
+    model_specs: Sequence[Any] | None = None
+    model_transforms: Sequence[dict] | None = None
     _aligned: list[nn.Module] | None = None
 
     @property
@@ -145,13 +150,16 @@ class PostContext:
         from fxmerge.merge.transform import apply_layout
 
         n = len(self.models)
+        specs = self.model_specs or [self.spec] * n
+        transforms = self.model_transforms or [self.transforms] * n
         out = {}
         for name in values[0]:
             vals = [v[name].detach().double().flatten() for v in values]
-            lays = self.spec.axes.get(name) if self.spec is not None else None
-            if lays:
+            lays = [sp.axes.get(name) if sp is not None else None for sp in specs]
+            if all(lays):
                 out[name] = sum(
-                    apply_layout(x, 0, lays[0], m, n, self.transforms, True) for m, x in enumerate(vals)
+                    apply_layout(x, 0, lay[0], m, n, tr, True)
+                    for m, (x, lay, tr) in enumerate(zip(vals, lays, transforms, strict=True))
                 )
             else:
                 out[name] = sum(vals) / n
