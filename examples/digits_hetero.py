@@ -19,8 +19,8 @@ directions, and compares it with the homogeneous ZipIt merge of two narrow model
 The block-count section (``--families counts``, not in the default run) merges models whose numbers of attention
 heads / GroupNorm groups differ at the same width (ViT width 64: 4 heads x 16 vs 8 heads x 8; GroupNorm ResNet
 width 32: 4 vs 8 groups): parents, homogeneous ZipIt of each architecture, the ensemble and elastic ZipIt with
-``width="max"`` (the model with more heads / groups is rebuilt) and ``"min"``, both directions, over ``--seeds``
-seeds. It replaces its own section of ``digits_hetero.md`` and leaves the rest of the page as it is:
+``width="max"`` (the model with more heads / groups is rebuilt) and ``"min"``, both directions, each with and
+without the normalisation-aware post-passes (``COUNT_POST``), over ``--seeds`` seeds. It replaces its own section of ``digits_hetero.md`` and leaves the rest of the page as it is:
 
     python examples/digits_hetero.py --families counts    # ~15 min on one CPU core
 
@@ -134,6 +134,8 @@ COUNT_ARCHS = (
     ("resnet_gn", 32, (4, 8), "groups", "ResNet (GroupNorm, 32/64 channels): 4 vs 8 groups"),
 )
 COUNTS_HEADING = "## Elastic width: different numbers of heads / GroupNorm groups"
+# the normalisation-aware post-passes that work best on each kind (docs/results/digits_norm.md)
+COUNT_POST = {"vit": ["unit_repair", "norm_repair"], "resnet_gn": ["norm_repair"]}
 WIDTH_CRITERION = 0.03  # the width merge should be within 3 points (joint) of the homogeneous narrow merge
 HOMOGENEOUS = (("average", "average", {}), ("ZipIt", "zipit", {}), ("MuDSC", "mudsc", {}))
 
@@ -308,19 +310,24 @@ def run_counts(split: DigitsSplit, arch: tuple[str, int, tuple[int, int], str, s
 
         for (c, t), m in sorted(models.items()):
             add(f"{c} {unit} {'AB'[t]} (parent)", dc.evaluate(m, split))
+        post = COUNT_POST[kind]
+        plus = " + " + " + ".join(post)
         for c in counts:
-            add(f"{c} x {c} {unit}: ZipIt (homogeneous)", dc.evaluate(merge([models[c, 0], models[c, 1]]).model, split))
+            pair = [models[c, 0], models[c, 1]]
+            add(f"{c} x {c} {unit}: ZipIt (homogeneous)", dc.evaluate(merge(pair).model, split))
+            add(f"{c} x {c} {unit}: ZipIt{plus} (homogeneous)", dc.evaluate(merge(pair, post=post).model, split))
         pairs = ([models[counts[0], 0], models[counts[1], 1]], [models[counts[1], 0], models[counts[0], 1]])
         add(f"{counts[0]} x {counts[1]} {unit}: ensemble (both directions)",
             _mean([dc.evaluate(dc.ensemble(pair), split) for pair in pairs]))  # fmt: skip
         for w in ("max", "min"):
-            t0 = time.perf_counter()
-            results = [merge(pair, width=w) for pair in pairs]
-            add(f"{counts[0]} x {counts[1]} {unit}: elastic ZipIt, width {w} (both directions)",
-                _mean([dc.evaluate(r.model, split) for r in results]))  # fmt: skip
-            got = {next(iter(r.report["block_counts"].values()))["target"] for r in results}
-            run.notes.append(f"seed {seed}, width {w}: merged {unit} {sorted(got)}, "
-                             f"{(time.perf_counter() - t0) / 2:.1f} s per merge")  # fmt: skip
+            for extra, label in (({}, ""), ({"post": post}, plus)):
+                t0 = time.perf_counter()
+                results = [merge(pair, width=w, **extra) for pair in pairs]
+                add(f"{counts[0]} x {counts[1]} {unit}: elastic ZipIt{label}, width {w} (both directions)",
+                    _mean([dc.evaluate(r.model, split) for r in results]))  # fmt: skip
+                got = {next(iter(r.report["block_counts"].values()))["target"] for r in results}
+                run.notes.append(f"seed {seed}, width {w}{label}: merged {unit} {sorted(got)}, "
+                                 f"{(time.perf_counter() - t0) / 2:.1f} s per merge")  # fmt: skip
         print(f"  {kind} seed {seed}: " + ", ".join(f"{row} {100 * v[-1]['joint']:.1f}" for row, v in run.scores.items()))
     run.seconds = time.perf_counter() - start
     return run
