@@ -14,7 +14,6 @@ layers, exist only in lower precision).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.capture.trace import eval_mode, split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.errors import InvarianceError
 from fxmerge.ir.layout import groups_in, index
 from fxmerge.ir.spec import PermutationSpec
@@ -153,7 +153,7 @@ def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, d
     copy's outputs (the reference)."""
     errors = []
     for dtype in (torch.float64, torch.float32):
-        work = copy.deepcopy(model).to(dtype)
+        work = clone_module(model).to(dtype)
         args, kwargs = split_inputs(_cast(example_inputs, dtype))
         try:
             with eval_mode(work):

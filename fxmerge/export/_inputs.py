@@ -12,7 +12,6 @@ Non-tensor values (``None``, bools, numbers, strings) are kept as constants bake
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import ExportError, ExportInputError, FxmergeError
 from fxmerge.outputs import name as option_name
 
@@ -111,7 +111,7 @@ def eval_copy(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} has tensors on the meta device (no data): load its weights before exporting."
         )
     try:
-        clone = copy.deepcopy(model)
+        clone = clone_module(model)
     except Exception as exc:
         raise ExportInputError(
             f"could not deep-copy {type(model).__name__} ({type(exc).__name__}: {exc}). fxmerge exports a copy "

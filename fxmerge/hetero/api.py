@@ -14,7 +14,6 @@ Pipeline (``/work/shared/reference/hetero.md`` §8):
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.hetero.align import align_depth, block_cka, check_alignable
 from fxmerge.hetero.blocks import BlockOverride, BlockStructure, find_blocks
@@ -307,7 +307,7 @@ def _build(
     engine_models = parents.models
     resized = targets != group_sizes(base_spec)
     skeleton = (resize_model(base, base_spec, targets, example_inputs=example_inputs) if resized
-                else copy.deepcopy(base))  # fmt: skip
+                else clone_module(base))  # fmt: skip
     skeleton.load_state_dict(state)
     if opt.reset_bn and data is not None and _has_bn(skeleton):
         from fxmerge.passes.bn import reset_bn_stats

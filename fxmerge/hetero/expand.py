@@ -17,7 +17,6 @@ twin: the merge keeps the deep model's units there instead of averaging them wit
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.hetero.blocks import Block, BlockStructure
 from fxmerge.hetero.graph import node_reads
@@ -357,7 +357,7 @@ def expand(
     src.update(dict(shallow_model.named_buffers(remove_duplicate=False)))
     widths = twin_widths(spec, deep, pmap, src, padded)
     twin = (
-        copy.deepcopy(deep_model) if widths == group_sizes(spec) else resize_model(deep_model, spec, widths)
+        clone_module(deep_model) if widths == group_sizes(spec) else resize_model(deep_model, spec, widths)
     )
     dst: dict[str, torch.Tensor] = dict(twin.named_parameters(remove_duplicate=False))
     dst.update(dict(twin.named_buffers(remove_duplicate=False)))

@@ -11,7 +11,6 @@ updated (``in_features``, ``out_channels``, ``num_features``, ``normalized_shape
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from fxmerge.capture.trace import eval_mode, split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.hetero.structured import structured_target, zip_structured
 from fxmerge.ir.layout import Cat, G, Layout, LFixed
@@ -223,7 +223,7 @@ def resize_model(
     for gid, k in widths.items():
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise MergeError(f"widths[{gid}] must be an int >= 1, got {k!r}.")
-    new = copy.deepcopy(model)
+    new = clone_module(model)
     tensors: dict[str, torch.Tensor] = dict(new.named_parameters(remove_duplicate=False))
     tensors.update(dict(new.named_buffers(remove_duplicate=False)))
     replaced: dict[int, torch.Tensor] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import SpecError
 from fxmerge.ir.layout import G, Layout, describe, from_obj, groups_in, index, to_obj
 from fxmerge.ir.report import CoverageReport
@@ -130,7 +130,7 @@ class PermutationSpec:
         """Return ``model`` (a copy unless ``inplace``) with ``perms`` applied to every group."""
         self.check_perms(perms)
         self.check_model(model)
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else clone_module(model)
         state = _named_tensors(target)
         done: set[int] = set()
         with torch.no_grad():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from fxmerge.capture.trace import capture, eval_mode, split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.errors import FxmergeError, MergeError, MergeInputError
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
@@ -124,7 +124,7 @@ def _merge_same(models, meth, data, example_inputs, spec, opts: MergeOptions) ->
         sol = m.solve(problem)
         del problem  # its similarity caches: free them before the merged model is built
         mid = time.perf_counter()
-        merged = copy.deepcopy(models[0])
+        merged = clone_module(models[0])
         load_merged(merged, merge_state(spec, states, sol.transforms) if spec is not None else average_state(states))
         info: dict[str, Any] = {}
         trunk_post = None

@@ -9,13 +9,13 @@ back into model ``m``'s units with the matching's unmerge matrix ``U_m`` along e
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from fxmerge.capture.trace import CapturedGraph, split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
@@ -142,7 +142,7 @@ def build_multihead(
     _check_crossing_values(cg, crossing - {p.name for p in prefix if p.op == "placeholder"}, example_inputs)
     root = nn.Module()
     root.trunk = merged
-    root.tails = nn.ModuleList([copy.deepcopy(m) for m in models])
+    root.tails = nn.ModuleList([clone_module(m) for m in models])
     root.unmerge = nn.Module()
     layouts: dict[str, list[tuple[tuple, Layout]]] = {}
     for node, axes, lay in spec.layout_probes:

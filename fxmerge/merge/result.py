@@ -3,7 +3,6 @@ and interpolation between them (loss-barrier / mode-connectivity curves in one c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError, MergeInputError
 from fxmerge.ir.layout import Layout
 from fxmerge.ir.spec import PermutationSpec
@@ -49,7 +49,7 @@ class Alignment:
     def aligned(self) -> list[nn.Module]:
         if self._aligned is None:
             if self.spec is None:  # plain averaging: the models are taken as they are
-                self._aligned = [copy.deepcopy(m) for m in self.models]
+                self._aligned = [clone_module(m) for m in self.models]
             else:
                 self._aligned = aligned_models(self.models, self.spec, self.spaces, self.transforms)
         return self._aligned
@@ -95,7 +95,7 @@ class MergeResult:
             for w, st in zip(weights, states, strict=True):
                 acc += w * st[name].double()
             mixed[name] = acc.to(ref.dtype)
-        out = copy.deepcopy(models[0])
+        out = clone_module(models[0])
         load_merged(out, mixed)
         batches = data if data is not None else al.data
         if reset_bn and batches is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm)

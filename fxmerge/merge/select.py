@@ -18,7 +18,6 @@ score ``auto`` is never below either of them.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxmerge.capture.trace import eval_mode
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeInputError
 from fxmerge.stats.batches import iter_inputs, model_device, to_device
 
@@ -152,7 +152,7 @@ def choose(
     for alpha in grid:
         built = build(alpha)
         model = model_of(built)
-        value = _checked(fn(copy.deepcopy(model) if score is not None else model), alpha)
+        value = _checked(fn(clone_module(model) if score is not None else model), alpha)
         scores.append(value)
         key = (value, -abs(alpha - 0.5), -alpha)
         if best_key is None or key > best_key:

@@ -11,7 +11,6 @@ Both return a new model and never modify their inputs (training flags are restor
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.stats.batches import iter_inputs, model_device, to_device
 from fxmerge.stats.moments import ChannelMoments
@@ -110,7 +110,7 @@ def reset_bn_stats(
     variances. Afterwards every module's train/eval flag and every BatchNorm's momentum are restored.
     A model without BatchNorm is returned as an unchanged copy without touching the data.
     """
-    new = copy.deepcopy(model)
+    new = clone_module(model)
     bns = [
         m for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
@@ -270,7 +270,7 @@ def repair(
         raise MergeError("reference_models must be a non-empty list of models.")
     run = {"num_batches": num_batches, "progress": progress, "input_fn": input_fn}
     targets = _targets(reference_models, probes, data, run, weights)
-    new = copy.deepcopy(model)
+    new = clone_module(model)
     mods = _probe_modules(new, probes, "the merged model")
     remaining = list(probes)
     while remaining:

@@ -19,13 +19,13 @@ module), so every module's statistics match their targets exactly even though th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fxmerge.clone import clone_module
 from fxmerge.errors import MergeError
 from fxmerge.passes.bn import output_moments
 from fxmerge.passes.registry import PostContext, register_post_pass
@@ -103,7 +103,7 @@ def rescale_outputs(
     ``sequential`` they are fixed one at a time in the order they run, re-measuring after each fix, so
     each matches its target exactly; otherwise all are measured once and fixed together.
     """
-    new = copy.deepcopy(model)
+    new = clone_module(model)
     run = {"num_batches": num_batches, "progress": progress}
     for name in targets:
         mod = new.get_submodule(name)
@@ -145,7 +145,7 @@ def norm_repair(
     _check(ctx, "norm_repair")
     names = norm_modules(model)
     if not names:
-        return copy.deepcopy(model), {"modules": []}
+        return clone_module(model), {"modules": []}
     targets = _merged_targets(ctx, names)
     new = rescale_outputs(model, targets, ctx.data, sequential=sequential, eps=eps, **ctx.run)
     return new, {"modules": names}
@@ -173,7 +173,7 @@ def unit_repair(
     _check(ctx, "unit_repair")
     names = producer_modules(model, ctx.spec, ctx.spaces)
     if not names:
-        return copy.deepcopy(model), {"modules": []}
+        return clone_module(model), {"modules": []}
     targets = _merged_targets(ctx, names)
     new = rescale_outputs(model, targets, ctx.data, sequential=sequential, eps=eps, **ctx.run)
     return new, {"modules": names}

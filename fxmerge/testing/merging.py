@@ -8,7 +8,6 @@ design and a permutation of them is not recoverable.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.capture.trace import split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.spaces import find_spaces
 from fxmerge.testing.perms import permutations
@@ -63,7 +63,7 @@ def assert_merge_recovers(
     """Merging ``model`` (float64) with ``spec.apply(model, perms)`` gives back ``model``'s outputs."""
     from fxmerge.merge import merge
 
-    base = copy.deepcopy(model).double().eval()
+    base = clone_module(model).double().eval()
     inputs = tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                       example_inputs)  # fmt: skip
     other = spec.apply(base, perms)

@@ -14,7 +14,6 @@ Use them to property-test your own model::
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fxmerge.capture.trace import split_inputs
+from fxmerge.clone import clone_module
 from fxmerge.ir.layout import Cat, G, Layout, LFixed, Prod
 from fxmerge.ir.spec import PermutationSpec
 
@@ -75,7 +75,7 @@ def assert_invariant(
     model: nn.Module, spec: PermutationSpec, example_inputs: Any, perms: dict[int, torch.Tensor], *, rtol: float = 1e-6
 ) -> None:
     """Outputs of ``model`` and of ``spec.apply(model, perms)`` agree in float64."""
-    base = copy.deepcopy(model).double().eval()
+    base = clone_module(model).double().eval()
     permuted = spec.apply(base, perms)
     args, kwargs = split_inputs(tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                                          example_inputs))  # fmt: skip

@@ -331,3 +331,32 @@ class Im2Col(nn.Module):
 def test_unfold_keeps_channels_with_fixed_taps(frontend):
     spec = _sound(Im2Col(), torch.randn(2, 3, 6, 6), frontend=frontend)
     assert [g.size for g in spec.groups] == [4]
+
+
+class GatedUnits(nn.Module):
+    """GLU over the feature axis (module and functional forms) and over conv channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.glu, self.b = nn.Linear(6, 8), nn.GLU(), nn.Linear(4, 5)
+        self.c, self.d = nn.Conv2d(3, 12, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x, y):
+        return self.b(self.glu(self.a(x))), self.d(F.glu(self.c(y), dim=1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_glu_halves_share_one_permutation(frontend):
+    spec = _sound(GatedUnits(), (torch.randn(3, 6).double(), torch.randn(2, 3, 4, 4).double()), frontend=frontend)
+    assert sorted(g.size for g in spec.groups) == [4, 6]  # one group per gate, half the producer's width
+    # the producer's rows are the two halves permuted alike: row i and row i + half move together
+    m = GatedUnits().double()
+    x = (torch.randn(3, 6).double(), torch.randn(2, 3, 4, 4).double())
+    perm = torch.tensor([1, 0, 3, 2])
+    bad = GatedUnits().double()
+    bad.load_state_dict(m.state_dict())
+    with torch.no_grad():  # permuting only the first half of the producer is NOT a symmetry: the check must see it
+        bad.a.weight[:4] = bad.a.weight[:4][perm]
+        bad.a.bias[:4] = bad.a.bias[:4][perm]
+        bad.b.weight[:] = bad.b.weight[:, perm]
+    assert not torch.allclose(bad(*x)[0], m(*x)[0])

@@ -166,3 +166,17 @@ def normalize(ctx: RuleContext, call: Call):
     x = call.arg(0, "input")
     ctx.mix(x, [int(call.arg(2, "dim", 1))])
     return ctx.elementwise(call, [x])
+
+
+@rule(*torch_forms("_weight_norm", "_weight_norm_interface"), key="weight_norm")
+def weight_norm(ctx: RuleContext, call: Call):
+    """``w = g * v / ||v||``, the norm over every axis of ``v`` but ``dim`` (over all of ``v`` when ``dim`` is -1):
+    ``v``'s axes pass through to ``w`` and ``g`` follows the kept axis."""
+    v, g = call.arg(0, "v"), call.arg(1, "g")
+    dim = int(call.arg(2, "dim", 0))
+    kept = [] if dim == -1 else [dim % v.ndim]
+    ctx.mix(v, [i for i in range(v.ndim) if i not in kept])
+    dims = ctx.elementwise(call, [v, g])
+    if isinstance(call.out, tuple):  # _weight_norm_interface -> (w, norms shaped like g)
+        return [dims, ctx.elementwise(call, [g]) if call.out[1].shape == g.shape else ctx.fixed(call.out[1].shape)]
+    return dims

@@ -6,6 +6,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fxmerge.infer.context import LETTERS, TV, Call, RuleContext
 from fxmerge.infer.registry import rule, torch_forms
@@ -65,6 +66,22 @@ def split(ctx: RuleContext, call: Call):
         od[d] = part if n != 1 else TRIVIAL
         result.append(ctx.normalize(tuple(od)))
     return result
+
+
+@rule(nn.GLU, *torch_forms("glu"), key="glu")
+def glu(ctx: RuleContext, call: Call):
+    """``glu(x, dim) = a * sigmoid(b)`` for the halves ``a, b`` of ``dim``: both halves share one permutation."""
+    x = first_tensor(call)
+    dim = call.module.dim if call.module is not None else call.arg(1, "dim", -1)
+    d = norm_dim(int(dim), x.ndim)
+    half = int(call.out.shape[d])
+    dims = list(x.dims)
+    if isinstance(dims[d], Lvl):
+        dims = list(ctx.alg.flatten(tuple(dims), dims[d].joint, ctx.why))
+    first, second = ctx.solver.as_concat(ctx.plain(dims[d]), [half, half], ctx.why)
+    ctx.unify(first, second)
+    dims[d] = first if half != 1 else TRIVIAL
+    return ctx.normalize(tuple(dims))
 
 
 def _split_dim(call: Call, x: TV) -> int:
