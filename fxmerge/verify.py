@@ -71,7 +71,7 @@ class _Bench:
     def __init__(self, model: nn.Module, example_inputs: Any, rtol: float | None, atol: float) -> None:
         self.model, self.args, self.kwargs, self.dtype, self.ref = _prepare(model, example_inputs)
         self.forwards = 1
-        self.scale = max((float(t.abs().max()) for t in self.ref if t.numel()), default=0.0)
+        self.scale = max((float(t[torch.isfinite(t)].abs().max()) for t in self.ref if torch.isfinite(t).any()), default=0.0)
         self.tol = atol + (RTOL[self.dtype] if rtol is None else rtol) * self.scale
         self._deterministic = False
 
@@ -161,6 +161,7 @@ def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, d
         except Exception as e:  # e.g. a kernel without float64 support, a float32 constant built in forward
             errors.append(f"{dtype}: {type(e).__name__}: {str(e)[:200]}")
             continue
+        _require_no_nan(ref, dtype)
         return work, args, kwargs, dtype, ref
     raise InvarianceError(
         "the model does not run on a float64 or float32 copy of itself with the example inputs, so permutation "
@@ -178,16 +179,37 @@ def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _require_no_nan(ref: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """A NaN compares unequal to everything, so outputs with NaN would fail every group (or, in a tolerance,
+    pass every group): the check cannot see through them."""
+    for i, t in enumerate(ref):
+        n = int(torch.isnan(t).sum())
+        if n:
+            raise InvarianceError(
+                f"the model's output {i} (shape {tuple(t.shape)}) contains NaN in {n} of {t.numel()} elements on the "
+                f"example inputs ({str(dtype).removeprefix('torch.')} copy), so permutation invariance cannot be "
+                "checked. Pass example inputs on which the model's outputs are finite (real data, or inputs within "
+                "the ranges the model expects: token ids below the vocabulary size, long enough sequences), or "
+                "fix the initialisation that produces NaN."
+            )
+
+
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Max |a - b| over finite positions; a position where only one side is finite, or where the two differ
+    in a non-finite value (inf vs -inf, NaN), counts as inf. Equal infinities (e.g. masked logits) agree."""
     if len(a) != len(b):
         return float("inf")
     out = 0.0
     for x, y in zip(a, b, strict=True):
         if x.shape != y.shape:
             return float("inf")
-        if x.numel():
-            d = float((x - y).abs().max())
-            out = max(out, d if d == d else float("inf"))  # NaN counts as a failure
+        if not x.numel():
+            continue
+        finite = torch.isfinite(x) & torch.isfinite(y)
+        if not bool(finite.all()) and not bool(torch.where(finite, True, x == y).all()):
+            return float("inf")
+        if bool(finite.any()):
+            out = max(out, float((x - y)[finite].abs().max()))
     return out
 
 

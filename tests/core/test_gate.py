@@ -148,3 +148,36 @@ def test_free_outputs_are_compared_after_permuting_them():
     assert free.verification.max_diff <= free.verification.tolerance
     back = fxmerge.PermutationSpec.from_json(free.to_json())
     assert back.output_layouts == free.output_layouts and back.output_floats == [True, True]
+
+
+class MaskedFlipper(Flipper):
+    """Flipper whose first output column is masked to -inf, as masked logits are."""
+
+    def forward(self, x):
+        return super().forward(x).masked_fill(torch.tensor([True, False, False]), float("-inf"))
+
+
+def test_gate_sees_through_infinite_outputs():
+    """An -inf in the outputs once made the tolerance infinite, so every group passed: the unsound flipped group
+    must still be caught, and the sound one kept."""
+    with pytest.warns(fxmerge.UnsoundGroupWarning, match=r"1 inferred group\(s\) failed"):
+        spec = fxmerge.infer_groups(MaskedFlipper(), X, rules=_wrong_flip_rules())
+    frozen = {(f.param, f.axis): f.reason for f in spec.coverage.frozen}
+    assert frozen[("b.weight", 0)].startswith("failed verification")
+    assert ("a.weight", 0) not in frozen
+    sound = fxmerge.infer_groups(MaskedFlipper(), X)  # the built-in flip rule: nothing to freeze
+    fxmerge.verify_invariance(MaskedFlipper(), sound, X)
+
+
+class NaNColumn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * torch.tensor([float("nan"), 1.0, 1.0], dtype=x.dtype)
+
+
+def test_nan_outputs_are_a_clear_error_not_frozen_groups():
+    with pytest.raises(fxmerge.InvarianceError, match=r"output 0 \(shape \(5, 3\)\) contains NaN in 5 of 15"):
+        fxmerge.infer_groups(NaNColumn(), X)
