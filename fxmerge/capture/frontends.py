@@ -13,7 +13,7 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 from torch.fx.proxy import ParameterProxy
 
-from fxmerge.capture.graph import CapturedGraph, eval_mode, fetch_attr, first_line, model_state
+from fxmerge.capture.graph import CapturedGraph, eager_failure, eval_mode, fetch_attr, first_line, model_state
 from fxmerge.errors import CaptureError
 from fxmerge.infer.registry import RuleTable
 
@@ -146,6 +146,14 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict, extra: dict[str,
         with eval_mode(model), torch.no_grad():
             ep = torch.export.export(model, args, {**kwargs, **extra}, strict=False)
     except Exception as e:
+        eager = eager_failure(model, args, kwargs)
+        if eager is not None:
+            raise CaptureError(
+                f"{name} fails on example_inputs when called directly, before any capture: {eager}. Fix: pass "
+                "example_inputs that its forward accepts (a tensor, a tuple of positional inputs optionally ending "
+                "with a dict of keyword inputs, or a dict), and check the model's configuration; fxmerge captures "
+                "the model as it runs on them."
+            ) from e
         raise CaptureError(
             f"torch.export could not capture {name}: {type(e).__name__}: {first_line(e)}. "
             "Fix: check that example_inputs match the model's forward (a tuple of positional inputs, optionally "

@@ -98,6 +98,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why ``model(*args, **kwargs)`` raises when called directly (eval mode, no grad), or None when it runs."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # the model itself does not run on the inputs
+        return f"{type(e).__name__}: {first_line(e)}"
+    return None
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by every name they are reachable under."""
     state: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))

@@ -12,11 +12,17 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
-import torch
 from torch import nn
 
 from fxmerge.capture.frontends import capture_export, capture_fx, opaque_calls
-from fxmerge.capture.graph import CapturedGraph, eval_mode, first_line, model_state, split_inputs
+from fxmerge.capture.graph import (
+    CapturedGraph,
+    eager_failure,
+    eval_mode,
+    first_line,
+    model_state,
+    split_inputs,
+)
 from fxmerge.errors import CaptureError, FxmergeError
 from fxmerge.infer.registry import RULES, RuleTable
 
@@ -127,22 +133,13 @@ def _run_checked(model: nn.Module, example_inputs: Any, cg: CapturedGraph, run: 
         what = f"running the {cg.frontend} graph of {cg.model_class} on example_inputs failed: {type(e).__name__}: "
         what += first_line(e)
         args, kwargs = split_inputs(example_inputs)
-        if cg.frontend == "export" or _model_runs(model, args, kwargs):
+        if cg.frontend == "export" or eager_failure(model, args, kwargs) is None:
             fix = ("The model itself runs on these inputs, so the captured graph is at fault"
                    + (": use frontend='export'." if cg.frontend == "fx" else "."))  # fmt: skip
         else:
             fix = ("The model itself fails on them too: pass example_inputs that its forward accepts (a tensor, a "
                    "tuple of positional inputs optionally ending with a dict of keyword inputs, or a dict).")  # fmt: skip
         raise CaptureError(f"{what}. {fix}") from e
-
-
-def _model_runs(model: nn.Module, args: tuple, kwargs: dict) -> bool:
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*args, **kwargs)
-    except Exception:  # the model itself does not run on the inputs
-        return False
-    return True
 
 
 def _fall_back(
@@ -152,8 +149,8 @@ def _fall_back(
     try:
         cg = capture_export(model, args, kwargs, extra)
     except CaptureError as e:
-        if fx_error is None:
-            raise
+        if fx_error is None or eager_failure(model, args, kwargs) is not None:
+            raise  # export's error already says the model itself fails on the inputs
         raise CaptureError(
             f"neither frontend could capture {type(model).__name__}\n  fx: {fx_error}\n  export: {e}"
         ) from e
