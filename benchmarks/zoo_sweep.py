@@ -360,6 +360,71 @@ HF: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
     ),
 }
 
+_AUDIO = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "conv_dim": [32, 32, 32],
+    "conv_stride": [5, 2, 2],
+    "conv_kernel": [10, 3, 3],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+}
+# more architectures, one per distinct pattern (small configs where the config takes them, else the defaults)
+HF.update({
+    "xlm_roberta": ("xlm-roberta", "base", "tokens", {**_ENC, "pad_token_id": 1}, "RoBERTa family, offset positions"),
+    "megatron_bert": ("megatron-bert", "base", "tokens", _ENC, "pre-LN BERT"),
+    "mobilebert": ("mobilebert", "base", "tokens", _ENC, "bottlenecks, stacked FFNs, NoNorm"),
+    "convbert": ("convbert", "base", "tokens", {**_ENC, "embedding_size": 32}, "span-based dynamic convolution"),
+    "squeezebert": ("squeezebert", "base", "tokens", {**_ENC, "embedding_size": 64}, "grouped 1x1 conv1d layers"),
+    "ibert": ("ibert", "base", "tokens", {**_ENC, "pad_token_id": 1}, "integer-BERT ops in float mode"),
+    "rembert": ("rembert", "base", "tokens", {**_ENC, "input_embedding_size": 32, "output_embedding_size": 32},
+                "decoupled input/output embeddings"),
+    "nystromformer": ("nystromformer", "base", "tokens", _ENC, "Nystrom attention (exact at short length)"),
+    "layoutlm": ("layoutlm", "base", "tokens", _ENC, "2-D position embeddings"),
+    "markuplm": ("markuplm", "base", "tokens", _ENC, "xpath embeddings"),
+    "xlnet": ("xlnet", "base", "tokens", {"d_model": 64, "n_layer": 2, "n_head": 4, "d_inner": 128, **_TEXT},
+              "two-stream relative attention"),
+    "ctrl": ("ctrl", "base", "tokens", {"n_embd": 64, "n_layer": 2, "n_head": 4, "dff": 128, "n_positions": 64,
+                                          **_TEXT}, "pre-LN decoder, sinusoidal positions"),
+    "bloom": ("bloom", "base", "tokens", {"hidden_size": 64, "n_layer": 2, "n_head": 4, **_TEXT}, "ALiBi, fused qkv"),
+    "mpt": ("mpt", "base", "tokens", {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64, **_TEXT},
+            "ALiBi, fused Wqkv, no biases"),
+    "gpt_bigcode": ("gpt_bigcode", "base", "tokens", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                                                        **_TEXT}, "multi-query attention"),
+    "starcoder2": ("starcoder2", "base", "tokens", {**_DEC, "sliding_window": None}, "GQA, LayerNorm, biases"),
+    "cohere": ("cohere", "base", "tokens", _DEC, "parallel block, bias-free LayerNorm"),
+    "granite": ("granite", "base", "tokens", _DEC, "scaled embeddings / residuals"),
+    "olmo2": ("olmo2", "base", "tokens", _DEC, "post-norm blocks, qk-norm over all heads"),
+    "qwen3_moe": ("qwen3_moe", "base", "tokens", {**_DEC, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                                  "moe_intermediate_size": 32}, "MoE, qk-norm"),
+    "mamba": ("mamba", "base", "tokens", {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8, **_TEXT},
+              "selective state space"),
+    "rwkv": ("rwkv", "base", "tokens", {"hidden_size": 64, "num_hidden_layers": 2, "attention_hidden_size": 64,
+                                        "intermediate_size": 128, "context_length": 64, **_TEXT}, "time-mix recurrence"),
+    "dinov2": ("dinov2", "base", "pixels", _VIS, "layer scale, interpolated positions"),
+    "beit": ("beit", "base", "pixels", _VIS, "relative position bias, layer scale"),
+    "swinv2": ("swinv2", "base", "pixels", {"image_size": 32, "patch_size": 2, "embed_dim": 16, "depths": [1, 1],
+                                            "num_heads": [2, 4], "window_size": 4}, "cosine attention, log-spaced CPB"),
+    "segformer": ("segformer", "base", "pixels", {"image_size": 64}, "overlapping patches, reduced-key attention"),
+    "pvt_v2": ("pvt_v2", "base", "pixels", {"image_size": 64}, "spatial-reduction attention, depthwise FFN"),
+    "levit": ("levit", "base", "pixels", {"image_size": 64}, "BN attention, subsampling attention"),
+    "cvt": ("cvt", "base", "pixels", {"image_size": 64}, "conv projections in attention"),
+    "poolformer": ("poolformer", "base", "pixels", {"image_size": 64, "depths": [1, 1, 1, 1]},
+                   "pooling token mixer, GroupNorm(1)"),
+    "mobilevit": ("mobilevit", "base", "pixels", {"image_size": 64}, "conv + transformer over unfolded patches"),
+    "focalnet": ("focalnet", "base", "pixels", {"image_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1]},
+                 "focal modulation"),
+    "resnet_hf": ("resnet", "base", "pixels", {"image_size": 64, "depths": [1, 1, 1, 1]}, "bottleneck ResNet"),
+    "regnet_hf": ("regnet", "base", "pixels", {"image_size": 64, "depths": [1, 1, 1, 1]}, "grouped conv, SE"),
+    "bit": ("bit", "base", "pixels", {"image_size": 64, "depths": [1, 1, 1, 1]}, "weight-standardised conv, GroupNorm"),
+    "efficientnet_hf": ("efficientnet", "base", "pixels", {"image_size": 64}, "MBConv, SE, depthwise"),
+    "wav2vec2": ("wav2vec2", "base", "audio", _AUDIO, "conv feature encoder, weight-norm grouped positional conv"),
+    "hubert": ("hubert", "base", "audio", _AUDIO, "conv feature encoder, weight-norm positional conv"),
+    "wavlm": ("wavlm", "base", "audio", _AUDIO, "gated relative position bias"),
+})  # fmt: skip
+
 # the representative slice: one model per family and per pattern (residual, concat, grouped/depthwise, SE,
 # shuffle, windows, fused qkv, GQA, MoE, partial rotary, encoder-decoder, two towers)
 REPRESENTATIVE = [
@@ -386,10 +451,10 @@ REPRESENTATIVE = [
 def hf_keys() -> list[tuple[str, str]]:
     out = []
     for name, (_, head, inputs, _, _) in HF.items():
-        kind = {"pixels": "vit", "tokens": "text"}.get(
+        kind = {"pixels": "vit", "tokens": "text", "audio": "audio"}.get(
             inputs, "seq2seq" if inputs != "clip" else "multimodal"
         )
-        if name == "convnext":
+        if name in ("convnext", "resnet_hf", "regnet_hf", "bit", "efficientnet_hf", "poolformer", "focalnet"):
             kind = "cnn"
         if head == "lm":
             out += [(f"hf/{name}[sdpa]", kind), (f"hf/{name}[eager]", kind)]
@@ -608,6 +673,8 @@ def _build_hf(name: str, g: Any) -> tuple[Any, Any, Callable[[Any], Any], dict]:
             return {"pixel_values": _images(gen, config["image_size"], batch)}
         if inputs == "clip":
             return {"input_ids": tokens(gen, batch), "pixel_values": _images(gen, _VIS["image_size"], batch)}
+        if inputs == "audio":
+            return {"input_values": torch.randn(batch, 1600, generator=gen)}
         if inputs == "whisper":
             feats = torch.randn(
                 batch, config["num_mel_bins"], 2 * config["max_source_positions"], generator=gen
