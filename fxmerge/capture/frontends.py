@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import io
+import logging
 import operator
+import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -140,10 +145,33 @@ def _structseq_fields(node: fx.Node) -> tuple[str, ...]:
     return tuple(getattr(rt, "__match_args__", ()))
 
 
+# torch's own loggers that print warnings and graph dumps while export fails; fxmerge reports the failure itself
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_failed_export() -> Iterator[None]:
+    """While ``torch.export`` runs, silence its loggers and hold back what it prints to stderr (a failing export
+    prints its partial graph there): the held text is replayed when export succeeds (warnings stay visible) and
+    dropped when it fails (the CaptureError then says what went wrong)."""
+    loggers = [logging.getLogger(n) for n in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    sys.stderr.write(held.getvalue())  # only reached on success
+
+
 def capture_export(model: nn.Module, args: tuple, kwargs: dict, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), _quiet_failed_export():
             ep = torch.export.export(model, args, {**kwargs, **extra}, strict=False)
     except Exception as e:
         eager = eager_failure(model, args, kwargs)

@@ -314,3 +314,24 @@ def test_hf_decoder_with_its_default_cache_config(arch: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(cg.gm(*cg.placeholder_values(args, kwargs))[0], model(ids).logits)
     fxmerge.verify_invariance(model, spec, ids)
+
+
+class _ParamBranch(nn.Module):
+    """Branches on one unit's parameter value: fx cannot trace it and export hits a data-dependent guard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.a.bias[0] > 0:
+            h = h * 2
+        return self.b(h)
+
+
+def test_a_failed_export_prints_nothing_of_its_own(capfd) -> None:
+    with pytest.raises(CaptureError, match="neither frontend could capture _ParamBranch"):
+        fxmerge.infer_groups(_ParamBranch(), torch.randn(5, 4))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err  # torch's partial graph dump
