@@ -60,6 +60,8 @@ class VerificationRecord:
     forwards: int
     trials: int
     frozen: list[str] = field(default_factory=list)
+    #: the second stage, on a copy with jittered parameters: "checked", or why it was skipped
+    jittered: str = "not run"
 
     def to_obj(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,8 +70,10 @@ class VerificationRecord:
 class _Bench:
     """A private copy of the model in the verification dtype, its reference outputs and a tolerance."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, rtol: float | None, atol: float) -> None:
-        self.model, self.args, self.kwargs, self.dtype, self.ref = _prepare(model, example_inputs)
+    def __init__(
+        self, model: nn.Module, example_inputs: Any, rtol: float | None, atol: float, jitter: int | None = None
+    ) -> None:
+        self.model, self.args, self.kwargs, self.dtype, self.ref = _prepare(model, example_inputs, jitter)
         self.forwards = 1
         self.scale = max((float(t[torch.isfinite(t)].abs().max()) for t in self.ref if torch.isfinite(t).any()), default=0.0)
         self.tol = atol + (RTOL[self.dtype] if rtol is None else rtol) * self.scale
@@ -148,12 +152,16 @@ def _permute_value(t: torch.Tensor, lays: list, perms: dict) -> torch.Tensor:
     return t
 
 
-def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, dict, torch.dtype, list[torch.Tensor]]:
+def _prepare(
+    model: nn.Module, example_inputs: Any, jitter: int | None = None
+) -> tuple[nn.Module, tuple, dict, torch.dtype, list[torch.Tensor]]:
     """A float64 copy of the model and inputs, or float32 when the model cannot run in float64, and the
-    copy's outputs (the reference)."""
+    copy's outputs (the reference). With ``jitter`` (a seed) the copy's parameters are jittered first."""
     errors = []
     for dtype in (torch.float64, torch.float32):
         work = clone_module(model).to(dtype)
+        if jitter is not None:
+            _jitter_parameters(work, jitter)
         args, kwargs = split_inputs(_cast(example_inputs, dtype))
         try:
             with eval_mode(work):
@@ -167,6 +175,19 @@ def _prepare(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple, d
         "the model does not run on a float64 or float32 copy of itself with the example inputs, so permutation "
         "invariance cannot be checked: " + "; ".join(errors)
     )
+
+
+def _jitter_parameters(model: nn.Module, seed: int) -> None:
+    """Move every floating-point parameter off degenerate values, in place: ``p += 0.1 * max(mean |p|, 0.1) * n``
+    with standard normal ``n``. A zero-initialised gamma or layer scale makes its branch invisible to a check on
+    the model's own weights; groups are symmetries of the structure, so they must hold for these weights too.
+    Buffers (running statistics, masks, position indices) are left as they are; tied parameters stay tied."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel():
+                scale = 0.1 * max(float(p.abs().mean()), 0.1)
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
 
 
 def _cast(x: Any, dtype: torch.dtype) -> Any:
@@ -309,27 +330,54 @@ def find_unsound_groups(
     *,
     seed: int = 0,
     trials: int = 2,
+    jitter: bool = True,
 ) -> tuple[dict[int, float], VerificationRecord]:
     """Groups whose random permutation changes the outputs, with the change each caused.
 
     Each trial permutes every group at once (one forward pass); a failing trial is bisected down to the
     offending groups. A set that fails while both its halves pass (groups that only fail together) is
-    reported whole. Returns ``({group id: max |diff|}, record)``.
+    reported whole. With ``jitter`` the groups that pass are checked again on a copy whose parameters are
+    jittered (:func:`_jitter_parameters`), so a branch muted by a zero gamma cannot hide a missing constraint;
+    the stage is skipped (and the record says why) when the jittered copy does not give NaN-free outputs.
+    Returns ``({group id: max |diff|}, record)``.
     """
-    bench = _Bench(model, example_inputs, None, 1e-12)
     gen = torch.Generator().manual_seed(seed)
+    bench = _Bench(model, example_inputs, None, 1e-12)
     bad: dict[int, float] = {}
-    worst = 0.0
-    for _ in range(trials if spec.groups else 0):
-        perms = {g.id: _non_identity(g.size, gen) for g in spec.groups if g.id not in bad}
-        worst = max(worst, _bisect(spec, bench, perms, bad))
+    worst = _trials(spec, bench, gen, trials, bad)
     record = VerificationRecord(
         dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol, scale=bench.scale,
         max_diff=worst, forwards=bench.forwards, trials=trials,
     )  # fmt: skip
     del bench  # the float64 copy of the model: hand its memory back before the caller goes on
     release_freed_memory()
+    if jitter and len(bad) < len(spec.groups):
+        record.jittered = _jittered_stage(model, spec, example_inputs, seed, gen, trials, bad, record)
     return bad, record
+
+
+def _trials(spec: PermutationSpec, bench: _Bench, gen: torch.Generator, trials: int, bad: dict[int, float]) -> float:
+    worst = 0.0
+    for _ in range(trials if spec.groups else 0):
+        perms = {g.id: _non_identity(g.size, gen) for g in spec.groups if g.id not in bad}
+        worst = max(worst, _bisect(spec, bench, perms, bad))
+    return worst
+
+
+def _jittered_stage(
+    model: nn.Module, spec: PermutationSpec, example_inputs: Any, seed: int, gen: torch.Generator, trials: int,
+    bad: dict[int, float], record: VerificationRecord,
+) -> str:  # fmt: skip
+    try:
+        bench = _Bench(model, example_inputs, None, 1e-12, jitter=seed)
+    except InvarianceError as e:  # e.g. a jittered parameter under a sqrt or log
+        return f"skipped: {str(e)[:160]}"
+    before = len(bad)
+    _trials(spec, bench, gen, trials, bad)
+    record.forwards += bench.forwards
+    del bench
+    release_freed_memory()
+    return "checked" + (f" ({len(bad) - before} group(s) failed only with jittered parameters)" if len(bad) > before else "")
 
 
 def _bisect(spec: PermutationSpec, bench: _Bench, perms: dict[int, torch.Tensor], bad: dict[int, float]) -> float:

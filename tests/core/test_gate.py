@@ -61,13 +61,15 @@ def test_gate_passes_sound_specs_silently():
     rec = spec.verification
     assert rec.dtype == "float64" and rec.frozen == [] and rec.max_diff <= rec.tolerance
     assert rec.tolerance == pytest.approx(1e-12 + 1e-6 * rec.scale)
-    assert rec.forwards == 1 + rec.trials  # the reference, one pass per trial: determinism is checked on failure
+    # the reference and one pass per trial, on the model's weights and again on jittered ones (determinism is
+    # checked only on failure)
+    assert rec.forwards == 2 * (1 + rec.trials) and rec.jittered == "checked"
 
 
 def test_bisection_finds_exactly_the_bad_groups():
     model = Flipper()
     spec = fxmerge.infer_groups(model, X, rules=_wrong_flip_rules(), verify=False)
-    bad, record = find_unsound_groups(model, spec, X)
+    bad, record = find_unsound_groups(model, spec, X, jitter=False)
     assert [spec.group(g).size for g in bad] == [6] and all(d > 1e-3 for d in bad.values())
     assert record.forwards <= 2 + 2 * 3  # reference, one determinism check (a trial failed), one pass per bisection step
 
@@ -181,3 +183,48 @@ class NaNColumn(nn.Module):
 def test_nan_outputs_are_a_clear_error_not_frozen_groups():
     with pytest.raises(fxmerge.InvarianceError, match=r"output 0 \(shape \(5, 3\)\) contains NaN in 5 of 15"):
         fxmerge.infer_groups(NaNColumn(), X)
+
+
+class MutedFlipper(Flipper):
+    """The flip sits in a residual branch scaled by a zero-initialised gamma (as in zero_init_last ResNets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(6))
+        self.skip = nn.Linear(8, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        branch = torch.relu(self.b(h)).flip(-1) * self.gamma
+        return self.c(self.skip(h) + branch)
+
+
+def test_gate_jitters_parameters_so_a_muted_branch_cannot_hide_a_missing_constraint():
+    model = MutedFlipper()
+    unverified = fxmerge.infer_groups(model, X, rules=_wrong_flip_rules(), verify=False)
+    bad, record = find_unsound_groups(model, unverified, X, jitter=False)
+    assert bad == {}  # on the model's own weights the branch contributes exactly zero: the flaw is invisible
+    with pytest.warns(fxmerge.UnsoundGroupWarning, match=r"1 inferred group\(s\) failed"):
+        spec = fxmerge.infer_groups(model, X, rules=_wrong_flip_rules())
+    frozen = {(f.param, f.axis): f.reason for f in spec.coverage.frozen}
+    assert frozen[("b.weight", 0)].startswith("failed verification")
+    assert ("a.weight", 0) not in frozen
+    assert torch.equal(model.gamma, torch.zeros(6))  # the jitter works on a copy
+
+
+class SqrtScale(nn.Module):
+    """A parameter under a square root: a jittered copy would give NaN, so that stage is skipped, not failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.var = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * torch.sqrt(self.var))
+
+
+def test_jittered_stage_is_skipped_when_the_jittered_copy_gives_nan():
+    spec = fxmerge.infer_groups(SqrtScale(), X)
+    assert [g.size for g in spec.groups] == [8]
+    assert spec.verification.jittered.startswith("skipped: the model's output 0")
