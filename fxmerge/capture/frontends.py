@@ -18,7 +18,15 @@ from torch import fx, nn
 from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 from torch.fx.proxy import ParameterProxy
 
-from fxmerge.capture.graph import CapturedGraph, eager_failure, eval_mode, fetch_attr, first_line, model_state
+from fxmerge.capture.graph import (
+    CapturedGraph,
+    eager_failure,
+    eval_mode,
+    fetch_attr,
+    first_line,
+    model_state,
+    restored_attributes,
+)
 from fxmerge.errors import CaptureError
 from fxmerge.infer.registry import RuleTable
 
@@ -79,7 +87,7 @@ def opaque_calls(gm: fx.GraphModule, rules: RuleTable) -> list[str]:
 def capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
     try:
-        with eval_mode(model):
+        with eval_mode(model), restored_attributes(model):
             graph = _LeafTracer(rules, stack_traces).trace(model, concrete_args=dict(extra) or None)
     except Exception as e:
         raise CaptureError(
@@ -171,7 +179,7 @@ def _quiet_failed_export() -> Iterator[None]:
 def capture_export(model: nn.Module, args: tuple, kwargs: dict, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
     try:
-        with eval_mode(model), torch.no_grad(), _quiet_failed_export():
+        with eval_mode(model), restored_attributes(model), torch.no_grad(), _quiet_failed_export():
             ep = torch.export.export(model, args, {**kwargs, **extra}, strict=False)
     except Exception as e:
         eager = eager_failure(model, args, kwargs)

@@ -98,6 +98,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = f
 
 
+@contextlib.contextmanager
+def restored_attributes(model: nn.Module) -> Iterator[None]:
+    """Undo what a traced forward assigns to the model: tracing runs the Python ``forward`` on proxies or fake
+    tensors, so ``self.cache = ...`` in a forward would otherwise leave a proxy in the user's model. Every
+    submodule's attributes (and its parameter / buffer / submodule tables) are restored to what they were."""
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = {m: (dict(vars(m)), {t: dict(getattr(m, t)) for t in tables}) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, (attrs, contents) in saved.items():
+            current = vars(m)
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
+            for key, value in attrs.items():
+                if current.get(key) is not value:
+                    current[key] = value
+            for t, content in contents.items():
+                table = getattr(m, t)
+                if table != content or any(table[k] is not v for k, v in content.items()):
+                    table.clear()
+                    table.update(content)
+
+
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
     """Why ``model(*args, **kwargs)`` raises when called directly (eval mode, no grad), or None when it runs."""
     try:

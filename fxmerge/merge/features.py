@@ -163,9 +163,15 @@ class _GraphCache:
         for m in self.models[1:]:
             cg = _rebind(first, self.models[0], m) if first.frontend == "export" else None
             graphs.append(cg if cg is not None else capture(m, inputs, first.frontend))
-        for cg in graphs:
-            if not self.keep <= {n.name for n in cg.gm.graph.nodes}:
-                raise MergeError("models do not capture to the same graph; merge models of one architecture")
+        for i, cg in enumerate(graphs):
+            missing = sorted(self.keep - {n.name for n in cg.gm.graph.nodes})
+            if missing:
+                raise MergeError(
+                    f"model {i} ({type(self.models[i]).__name__}) does not capture to model 0's graph: it has no "
+                    f"node {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}. Merge models of one "
+                    "architecture; if they are, one of them holds state that changes its graph (e.g. a cache "
+                    "filled by an earlier forward in eval mode): build or load all models the same way."
+                )
         return graphs
 
     def get(self, args: tuple, kwargs: dict) -> list[CapturedGraph]:

@@ -335,3 +335,39 @@ def test_a_failed_export_prints_nothing_of_its_own(capfd) -> None:
         fxmerge.infer_groups(_ParamBranch(), torch.randn(5, 4))
     err = capfd.readouterr().err
     assert "def forward" not in err and "Unable to find user code" not in err  # torch's partial graph dump
+
+
+class _CachesInForward(nn.Module):
+    """Fills a cache attribute during its first eval forward (as LeViT's attention-bias cache does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            bias = self.bias * 2
+            if not self.training:
+                self.cache = bias.detach()
+        else:
+            bias = self.cache
+        return self.b(torch.relu(self.a(x) + bias))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_capture_leaves_no_trace_in_the_model(frontend) -> None:
+    model = _CachesInForward()
+    fxmerge.infer_groups(model, torch.randn(5, 4), frontend=frontend, verify=False)
+    assert model.cache is None  # tracing assigned a proxy / fake tensor there; it is restored
+    assert set(vars(model)) == set(vars(_CachesInForward()))
+    model.eval()(torch.randn(5, 4))  # and the model still runs
+    assert isinstance(model.cache, torch.Tensor)
+
+
+def test_the_gate_sees_a_stale_cache() -> None:
+    """The check runs the model eagerly: its cache then holds the unpermuted bias, so the group is frozen."""
+    with pytest.warns(fxmerge.UnsoundGroupWarning):
+        spec = fxmerge.infer_groups(_CachesInForward(), torch.randn(5, 4), frontend="fx")
+    assert spec.groups == [] or all(g.size != 8 for g in spec.groups)

@@ -202,7 +202,7 @@ class MutedFlipper(Flipper):
 def test_gate_jitters_parameters_so_a_muted_branch_cannot_hide_a_missing_constraint():
     model = MutedFlipper()
     unverified = fxmerge.infer_groups(model, X, rules=_wrong_flip_rules(), verify=False)
-    bad, record = find_unsound_groups(model, unverified, X, jitter=False)
+    bad, _ = find_unsound_groups(model, unverified, X, jitter=False)
     assert bad == {}  # on the model's own weights the branch contributes exactly zero: the flaw is invisible
     with pytest.warns(fxmerge.UnsoundGroupWarning, match=r"1 inferred group\(s\) failed"):
         spec = fxmerge.infer_groups(model, X, rules=_wrong_flip_rules())
