@@ -7,6 +7,7 @@ whichever frontend ran.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,10 +102,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def restored_attributes(model: nn.Module) -> Iterator[None]:
     """Undo what a traced forward assigns to the model: tracing runs the Python ``forward`` on proxies or fake
-    tensors, so ``self.cache = ...`` in a forward would otherwise leave a proxy in the user's model. Every
-    submodule's attributes (and its parameter / buffer / submodule tables) are restored to what they were."""
-    tables = ("_parameters", "_buffers", "_modules")
-    saved = {m: (dict(vars(m)), {t: dict(getattr(m, t)) for t in tables}) for m in model.modules()}
+    tensors, so ``self.cache = ...`` (or ``self.cache[key] = ...``) in a forward would otherwise leave a proxy or
+    a fake tensor in the user's model. Every submodule's attributes, and the contents of its dict attributes
+    (parameter / buffer / submodule tables and caches alike), are restored to what they were."""
+    saved = {m: _attribute_snapshot(m) for m in model.modules()}
     try:
         yield
     finally:
@@ -115,11 +116,15 @@ def restored_attributes(model: nn.Module) -> Iterator[None]:
             for key, value in attrs.items():
                 if current.get(key) is not value:
                     current[key] = value
-            for t, content in contents.items():
-                table = getattr(m, t)
-                if table != content or any(table[k] is not v for k, v in content.items()):
+            for table, content in contents:
+                if table.keys() != content.keys() or any(table[k] is not v for k, v in content.items()):
                     table.clear()
                     table.update(content)
+
+
+def _attribute_snapshot(module: nn.Module) -> tuple[dict[str, Any], list[tuple[dict, dict]]]:
+    attrs = dict(vars(module))
+    return attrs, [(v, dict(v)) for v in attrs.values() if type(v) is dict or isinstance(v, OrderedDict)]
 
 
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
