@@ -864,6 +864,9 @@ def run_model(
                 [model, b], method="average", example_inputs=x, spec=spec, reset_bn=False, progress=False
             )
             rec["moved"] = rel_error(average.model, model, data)
+            for m in (model, b):  # the eager runs above filled eval-mode caches (LeViT): train() clears them
+                m.train()
+                m.eval()
         except Exception as e:
             rec["errors"]["permute"] = _err(e)
 
@@ -906,6 +909,8 @@ def run_model(
         stage("onnx")
         t = time.perf_counter()
         target = copy.deepcopy(merged if merged is not None else model).float()  # .float() is in place
+        target.train()  # clears eval-mode caches filled in float64 by the merge stage (LeViT)
+        target.eval()
         rec["onnx_of"] = "merged" if merged is not None else "original"
         with tempfile.TemporaryDirectory() as tmp:
             x32, path = zoo.cast_inputs(x, torch.float32), os.path.join(tmp, "m.onnx")

@@ -167,10 +167,12 @@ class _GraphCache:
             missing = sorted(self.keep - {n.name for n in cg.gm.graph.nodes})
             if missing:
                 raise MergeError(
-                    f"model {i} ({type(self.models[i]).__name__}) does not capture to model 0's graph: it has no "
-                    f"node {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}. Merge models of one "
-                    "architecture; if they are, one of them holds state that changes its graph (e.g. a cache "
-                    "filled by an earlier forward in eval mode): build or load all models the same way."
+                    f"model {i} ({type(self.models[i]).__name__}) captures to a different graph than the one its "
+                    f"spec was inferred from: it has no node {', '.join(missing[:3])}"
+                    f"{' ...' if len(missing) > 3 else ''}. Merge models of one architecture; if they are, a model "
+                    "holds state that changes its graph (e.g. a cache filled by an earlier forward in eval mode): "
+                    "call model.train() then model.eval() on every model (that clears such caches in most "
+                    "models), or build them fresh, before inferring the spec and merging."
                 )
         return graphs
 
