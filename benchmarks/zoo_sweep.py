@@ -1,4 +1,5 @@
-"""Compatibility sweep: every torchvision family, every timm module and ~30 Hugging Face architectures.
+"""Compatibility sweep: every torchvision family, every timm module and 69 Hugging Face architectures
+(85 runs: the causal-LM decoders run with both sdpa and eager attention).
 
 Each model runs in its own process with a time limit, through these stages (float64 unless said otherwise):
 
