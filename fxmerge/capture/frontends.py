@@ -86,20 +86,21 @@ def opaque_calls(gm: fx.GraphModule, rules: RuleTable) -> list[str]:
 
 def capture_fx(model: nn.Module, rules: RuleTable, stack_traces: bool, extra: dict[str, Any]) -> CapturedGraph:
     name = type(model).__name__
-    try:
-        with eval_mode(model), restored_attributes(model):
-            graph = _LeafTracer(rules, stack_traces).trace(model, concrete_args=dict(extra) or None)
-    except Exception as e:
-        raise CaptureError(
-            f"torch.fx could not trace {name}: {type(e).__name__}: {first_line(e)}. "
-            "Fix: use frontend='export' (torch.export handles data-dependent Python control flow on shapes, "
-            "Hugging Face models and most custom code), or make the offending code traceable "
-            "(concrete_args, torch.fx.wrap, or register a rule for the module with @fxmerge.rule so it becomes a leaf)."
-        ) from e
-    _name_concrete_placeholders(graph, extra)
-    _structseq_fields_to_items(graph)
-    # code generation is deferred until the module is called: analysis only walks the graph
-    gm = _make_graph_module(model, graph, class_name=f"{name}Graph", graph_module_cls=_LazyGraphModule)
+    with restored_attributes(model):  # the tracer adds its constants (_tensor_constant0) to the model: the
+        try:  # graph module copies them before the model's attributes are restored
+            with eval_mode(model):
+                graph = _LeafTracer(rules, stack_traces).trace(model, concrete_args=dict(extra) or None)
+        except Exception as e:
+            raise CaptureError(
+                f"torch.fx could not trace {name}: {type(e).__name__}: {first_line(e)}. "
+                "Fix: use frontend='export' (torch.export handles data-dependent Python control flow on shapes, "
+                "Hugging Face models and most custom code), or make the offending code traceable (concrete_args, "
+                "torch.fx.wrap, or register a rule for the module with @fxmerge.rule so it becomes a leaf)."
+            ) from e
+        _name_concrete_placeholders(graph, extra)
+        _structseq_fields_to_items(graph)
+        # code generation is deferred until the module is called: analysis only walks the graph
+        gm = _make_graph_module(model, graph, class_name=f"{name}Graph", graph_module_cls=_LazyGraphModule)
     state = model_state(model)
     bindings = {n.name: str(n.target) for n in graph.nodes if n.op == "get_attr" and str(n.target) in state}
     constants = {}

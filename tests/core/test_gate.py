@@ -23,17 +23,29 @@ def _wrong_flip_rules():
     return table
 
 
+def _live_init(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic weights with positive biases: no ReLU unit is dead on X, so every permutation shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
 class Flipper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        _live_init(self)
 
     def forward(self, x):
         h = torch.relu(self.a(x))
         return self.c(torch.relu(self.b(h)).flip(-1))
 
 
-X = torch.randn(5, 4)
+X = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
 
 
 def test_gate_freezes_the_unsound_group_warns_and_reverifies():
@@ -192,6 +204,7 @@ class MutedFlipper(Flipper):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(6))
         self.skip = nn.Linear(8, 6)
+        _live_init(self.skip, seed=1)
 
     def forward(self, x):
         h = torch.relu(self.a(x))
