@@ -46,11 +46,11 @@ from torch import nn
 import fxmerge
 from fxmerge.capture.trace import split_inputs
 from fxmerge.errors import UnsupportedOpsError
+from fxmerge.gate import find_unsound_groups
 from fxmerge.infer.api import format_unsupported
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter
 from fxmerge.testing import zoo
-from fxmerge.verify import find_unsound_groups
 
 DEPTH_TARGET = 18.0  # inference time at 16x depth / at 1x, at most
 ABS_TARGET = 1.0  # seconds after capture for tiny_llama@32 and densenet121, at most

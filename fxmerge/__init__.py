@@ -42,21 +42,22 @@ _LAZY = {
     "merge": "fxmerge.merge",
     "merge_task_vectors": "fxmerge.taskvector",
     "InvarianceReport": "fxmerge.verify",
-    "UnsoundGroupWarning": "fxmerge.verify",
-    "VerificationRecord": "fxmerge.verify",
+    "UnsoundGroupWarning": "fxmerge.gate",
+    "VerificationRecord": "fxmerge.gate",
     "verify_invariance": "fxmerge.verify",
 }
 
 if TYPE_CHECKING:
     from fxmerge.capture.trace import CapturedGraph, capture
     from fxmerge.export import export_onnx, load_program, load_state, save_program, save_state
+    from fxmerge.gate import UnsoundGroupWarning, VerificationRecord
     from fxmerge.infer.api import infer_groups
     from fxmerge.infer.registry import rule
     from fxmerge.ir.report import CoverageReport
     from fxmerge.ir.spec import Group, PermutationSpec
     from fxmerge.merge import MergeResult, merge
     from fxmerge.taskvector import merge_task_vectors
-    from fxmerge.verify import InvarianceReport, UnsoundGroupWarning, VerificationRecord, verify_invariance
+    from fxmerge.verify import InvarianceReport, verify_invariance
 
 
 def __getattr__(name: str) -> Any:

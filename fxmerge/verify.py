@@ -4,8 +4,8 @@ Two entry points share one machinery:
 
 * :func:`verify_invariance` checks a spec and raises :class:`~fxmerge.InvarianceError` naming the first
   group that is not a symmetry (the user-facing check);
-* :func:`find_unsound_groups` returns the offending groups instead of raising; ``infer_groups`` uses it as a
-  *gate*: offending groups are frozen and the spec re-verified before it is returned.
+* :func:`fxmerge.gate.find_unsound_groups` returns the offending groups instead of raising; ``infer_groups``
+  uses it as a *gate*: offending groups are frozen and the spec re-verified before it is returned.
 
 The check runs on a float64 copy of the model when the model runs in float64, and otherwise on a float32
 copy with a tolerance scaled to the outputs (some kernels, e.g. grouped matmuls of mixture-of-experts
@@ -27,12 +27,6 @@ from fxmerge.clone import clone_module
 from fxmerge.errors import InvarianceError
 from fxmerge.ir.layout import groups_in, index
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.memory import release_freed_memory
-
-
-class UnsoundGroupWarning(UserWarning):
-    """``infer_groups``' soundness gate froze groups whose permutation changed the model's outputs."""
-
 
 #: relative tolerance (of the largest output magnitude) per verification dtype
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -49,25 +43,7 @@ class InvarianceReport:
     tolerance: float = 0.0
 
 
-@dataclass
-class VerificationRecord:
-    """What the soundness gate of ``infer_groups`` checked: stored on the spec as ``spec.verification``."""
-
-    dtype: str
-    tolerance: float
-    scale: float
-    max_diff: float
-    forwards: int
-    trials: int
-    frozen: list[str] = field(default_factory=list)
-    #: the second stage, on a copy with jittered parameters: "checked", or why it was skipped
-    jittered: str = "not run"
-
-    def to_obj(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class _Bench:
+class Bench:
     """A private copy of the model in the verification dtype, its reference outputs and a tolerance."""
 
     def __init__(
@@ -75,7 +51,7 @@ class _Bench:
     ) -> None:
         self.model, self.args, self.kwargs, self.dtype, self.ref = _prepare(model, example_inputs, jitter)
         self.forwards = 1
-        self.scale = max((float(t[torch.isfinite(t)].abs().max()) for t in self.ref if torch.isfinite(t).any()), default=0.0)
+        self.scale = max((_finite_max(t) for t in self.ref), default=0.0)
         self.tol = atol + (RTOL[self.dtype] if rtol is None else rtol) * self.scale
         self._deterministic = False
 
@@ -120,6 +96,12 @@ class _Bench:
         if diff > self.tol:
             self.require_deterministic()
         return diff
+
+
+def _finite_max(t: torch.Tensor) -> float:
+    """Largest finite magnitude of ``t`` (0 when it has none): an ``-inf`` must not scale the tolerance."""
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
 def _permuted_outputs(spec: PermutationSpec, ref: list[torch.Tensor], perms: dict) -> list[torch.Tensor]:
@@ -234,7 +216,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return out
 
 
-def _non_identity(n: int, gen: torch.Generator) -> torch.Tensor:
+def non_identity(n: int, gen: torch.Generator) -> torch.Tensor:
     if n < 2:
         return torch.arange(n)
     while True:
@@ -267,16 +249,16 @@ def verify_invariance(
     passes on models with hundreds of groups (grouped convolutions, many heads).
     """
     spec.check_model(model)
-    bench = _Bench(model, example_inputs, rtol, atol)
+    bench = Bench(model, example_inputs, rtol, atol)
     gen = torch.Generator().manual_seed(seed)
     report = InvarianceReport(scale=bench.scale, dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol)
     ids = [g.id for g in spec.groups] if groups is None else list(groups)
     step = max(batch, 1)
     for start in range(0, len(ids), step):
         chunk = ids[start : start + step]
-        perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in chunk}
+        perms = {gid: non_identity(spec.group(gid).size, gen) for gid in chunk}
         _check_chunk(spec, bench, perms, report)
-    perms = {gid: _non_identity(spec.group(gid).size, gen) for gid in ids}
+    perms = {gid: non_identity(spec.group(gid).size, gen) for gid in ids}
     report.joint = bench.diff(spec, perms) if perms else 0.0
     if report.joint > bench.tol:
         raise InvarianceError(
@@ -287,7 +269,7 @@ def verify_invariance(
     return report
 
 
-def _check_chunk(spec: PermutationSpec, bench: _Bench, perms: dict, report: InvarianceReport) -> None:
+def _check_chunk(spec: PermutationSpec, bench: Bench, perms: dict, report: InvarianceReport) -> None:
     diff = bench.diff(spec, perms)
     if diff <= bench.tol:
         for gid in perms:
@@ -320,103 +302,3 @@ def describe_group(spec: PermutationSpec, gid: int, limit: int = 4) -> str:
     g = spec.group(gid)
     members = ", ".join(f"{m.param}[{m.axis}]" for m in g.members[:limit])
     return f"size {g.size}; {members}{' ...' if len(g.members) > limit else ''}"
-
-
-# ------------------------------------------------------------------------------------------------- gate
-def find_unsound_groups(
-    model: nn.Module,
-    spec: PermutationSpec,
-    example_inputs: Any,
-    *,
-    seed: int = 0,
-    trials: int = 2,
-    jitter: bool = True,
-) -> tuple[dict[int, float], VerificationRecord]:
-    """Groups whose random permutation changes the outputs, with the change each caused.
-
-    Each trial permutes every group at once (one forward pass); a failing trial is bisected down to the
-    offending groups. A set that fails while both its halves pass (groups that only fail together) is
-    reported whole. With ``jitter`` the groups that pass are checked again on a copy whose parameters are
-    jittered (:func:`_jitter_parameters`), so a branch muted by a zero gamma cannot hide a missing constraint;
-    the stage is skipped (and the record says why) when the jittered copy does not give NaN-free outputs.
-    Returns ``({group id: max |diff|}, record)``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    bench = _Bench(model, example_inputs, None, 1e-12)
-    bad: dict[int, float] = {}
-    worst = _trials(spec, bench, gen, trials, bad)
-    record = VerificationRecord(
-        dtype=str(bench.dtype).removeprefix("torch."), tolerance=bench.tol, scale=bench.scale,
-        max_diff=worst, forwards=bench.forwards, trials=trials,
-    )  # fmt: skip
-    del bench  # the float64 copy of the model: hand its memory back before the caller goes on
-    release_freed_memory()
-    if jitter and len(bad) < len(spec.groups):
-        record.jittered = _jittered_stage(model, spec, example_inputs, seed, gen, trials, bad, record)
-    return bad, record
-
-
-def _trials(spec: PermutationSpec, bench: _Bench, gen: torch.Generator, trials: int, bad: dict[int, float]) -> float:
-    worst = 0.0
-    for _ in range(trials if spec.groups else 0):
-        perms = {g.id: _non_identity(g.size, gen) for g in spec.groups if g.id not in bad}
-        worst = max(worst, _bisect(spec, bench, perms, bad))
-    return worst
-
-
-def _jittered_stage(
-    model: nn.Module, spec: PermutationSpec, example_inputs: Any, seed: int, gen: torch.Generator, trials: int,
-    bad: dict[int, float], record: VerificationRecord,
-) -> str:  # fmt: skip
-    try:
-        bench = _Bench(model, example_inputs, None, 1e-12, jitter=seed)
-    except InvarianceError as e:  # e.g. a jittered parameter under a sqrt or log
-        return f"skipped: {str(e)[:160]}"
-    before = len(bad)
-    _trials(spec, bench, gen, trials, bad)
-    record.forwards += bench.forwards
-    del bench
-    release_freed_memory()
-    return "checked" + (f" ({len(bad) - before} group(s) failed only with jittered parameters)" if len(bad) > before else "")
-
-
-def _bisect(spec: PermutationSpec, bench: _Bench, perms: dict[int, torch.Tensor], bad: dict[int, float]) -> float:
-    """Max diff of ``perms``; records in ``bad`` the groups responsible when it exceeds the tolerance."""
-    if not perms:
-        return 0.0
-    diff = bench.diff(spec, perms)
-    if diff <= bench.tol:
-        return diff
-    if len(perms) == 1:
-        bad.update(dict.fromkeys(perms, diff))
-        return diff
-    items = list(perms.items())
-    half = len(items) // 2
-    before = len(bad)
-    _bisect(spec, bench, dict(items[:half]), bad)
-    _bisect(spec, bench, dict(items[half:]), bad)
-    if len(bad) == before:  # only the combination fails
-        bad.update(dict.fromkeys(perms, diff))
-    return diff
-
-
-def require_sound(model: nn.Module, spec: PermutationSpec, example_inputs: Any, *, what: str = "merge") -> None:
-    """Refuse a spec that has not passed the soundness gate on ``model``.
-
-    A spec returned by ``infer_groups`` (gate on) carries ``spec.verification`` and passes at once; any other
-    spec (``verify=False``, loaded from JSON, edited by hand) is checked here with all groups permuted at once
-    (a few forward passes) and raises :class:`~fxmerge.InvarianceError` naming the offending groups.
-    """
-    if spec.verification is not None:
-        return
-    spec.check_model(model)
-    bad, record = find_unsound_groups(model, spec, example_inputs)
-    if bad:
-        names = "; ".join(f"g{gid} ({describe_group(spec, gid)}): outputs moved by {d:.3g}" for gid, d in bad.items())
-        raise InvarianceError(
-            f"the spec given to {what} is not sound for this model: {names}. Infer the spec with "
-            "fxmerge.infer_groups(model, example_inputs), whose soundness gate freezes such groups.",
-            group=next(iter(bad)),
-            max_diff=max(bad.values()),
-        )
-    spec.verification = record

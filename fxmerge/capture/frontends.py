@@ -154,6 +154,10 @@ def _structseq_fields(node: fx.Node) -> tuple[str, ...]:
     return tuple(getattr(rt, "__match_args__", ()))
 
 
+class ModelRejectsInputs(CaptureError):
+    """The model itself raises on the example inputs: no frontend is at fault, so none is tried next."""
+
+
 # torch's own loggers that print warnings and graph dumps while export fails; fxmerge reports the failure itself
 _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor", "torch.export")
 
@@ -185,7 +189,7 @@ def capture_export(model: nn.Module, args: tuple, kwargs: dict, extra: dict[str,
     except Exception as e:
         eager = eager_failure(model, args, kwargs)
         if eager is not None:
-            raise CaptureError(
+            raise ModelRejectsInputs(
                 f"{name} fails on example_inputs when called directly, before any capture: {eager}. Fix: pass "
                 "example_inputs that its forward accepts (a tensor, a tuple of positional inputs optionally ending "
                 "with a dict of keyword inputs, or a dict), and check the model's configuration; fxmerge captures "

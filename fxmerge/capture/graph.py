@@ -7,7 +7,6 @@ whichever frontend ran.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -124,7 +123,7 @@ def restored_attributes(model: nn.Module) -> Iterator[None]:
 
 def _attribute_snapshot(module: nn.Module) -> tuple[dict[str, Any], list[tuple[dict, dict]]]:
     attrs = dict(vars(module))
-    return attrs, [(v, dict(v)) for v in attrs.values() if type(v) is dict or isinstance(v, OrderedDict)]
+    return attrs, [(v, dict(v)) for v in attrs.values() if isinstance(v, dict)]
 
 
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from torch import nn
 
-from fxmerge.capture.frontends import capture_export, capture_fx, opaque_calls
+from fxmerge.capture.frontends import ModelRejectsInputs, capture_export, capture_fx, opaque_calls
 from fxmerge.capture.graph import (
     CapturedGraph,
     eager_failure,
@@ -148,9 +148,11 @@ def _fall_back(
     """Capture with ``torch.export`` after fx was rejected for ``reason``."""
     try:
         cg = capture_export(model, args, kwargs, extra)
+    except ModelRejectsInputs:
+        raise  # the model's own error, not two capture errors that hide it
     except CaptureError as e:
-        if fx_error is None or eager_failure(model, args, kwargs) is not None:
-            raise  # export's error already says the model itself fails on the inputs
+        if fx_error is None:
+            raise
         raise CaptureError(
             f"neither frontend could capture {type(model).__name__}\n  fx: {fx_error}\n  export: {e}"
         ) from e

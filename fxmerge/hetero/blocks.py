@@ -35,10 +35,10 @@ from torch import fx, nn
 
 from fxmerge.capture.trace import CapturedGraph, eval_mode, split_inputs
 from fxmerge.errors import MergeError
+from fxmerge.gate import require_sound
 from fxmerge.hetero.graph import contains_tensor, node_params, node_reads, run_graph
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.verify import require_sound
 
 __all__ = ["Block", "BlockStructure", "find_blocks"]
 

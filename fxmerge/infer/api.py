@@ -9,12 +9,13 @@ from torch import nn
 
 from fxmerge.capture.trace import CapturedGraph, Frontend, capture_and_run, split_inputs
 from fxmerge.errors import InvarianceError, UnsupportedOpsError
+from fxmerge.gate import UnsoundGroupWarning, find_unsound_groups
 from fxmerge.infer import rules as _builtin_rules  # noqa: F401  (registers the built-in rules)
 from fxmerge.infer.build import build_spec
 from fxmerge.infer.interpret import GraphInterpreter, UnsupportedOp
 from fxmerge.infer.registry import RuleTable
 from fxmerge.ir.spec import PermutationSpec
-from fxmerge.verify import UnsoundGroupWarning, describe_group, find_unsound_groups
+from fxmerge.verify import describe_group
 
 
 def infer_groups(

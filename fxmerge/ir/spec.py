@@ -77,7 +77,7 @@ class PermutationSpec:
         self.roles: dict[str, list[str]] = {n: ["out"] * len(lays) for n, lays in axes.items()}
         # (node, axes, layout) activation points, by node name of the graph the spec was inferred from
         self.layout_probes: list[tuple[str, tuple[int, ...], Layout]] = []
-        # the soundness gate's record (fxmerge.verify.VerificationRecord) when infer_groups verified the spec
+        # the soundness gate's record (fxmerge.gate.VerificationRecord) when infer_groups verified the spec
         self.verification: Any = None
         # per model output tensor (graph output order): (axes, layout) of axes left free by free_outputs=True
         self.output_layouts: list[list[tuple[tuple[int, ...], Layout]]] = []

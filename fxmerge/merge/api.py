@@ -12,6 +12,7 @@ from torch import nn
 from fxmerge.capture.trace import capture, eval_mode, split_inputs
 from fxmerge.clone import clone_module
 from fxmerge.errors import FxmergeError, MergeError, MergeInputError
+from fxmerge.gate import require_sound
 from fxmerge.infer.api import infer_groups
 from fxmerge.ir.spec import PermutationSpec
 from fxmerge.merge.checks import check_models_and_method, check_tensors, nonfinite_hint
@@ -25,7 +26,6 @@ from fxmerge.merge.report import SpaceDetail, space_detail
 from fxmerge.merge.result import Alignment, MergeResult, aligned_models
 from fxmerge.merge.spaces import find_spaces
 from fxmerge.merge.transform import load_merged, merge_state
-from fxmerge.verify import require_sound
 
 # layers REPAIR can rescale (output units on weight axis 0, a bias it can add)
 REPAIRABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -10,8 +10,8 @@ from torch import nn
 
 import fxmerge
 import fxmerge.infer.api  # built-in rules, registered before the table is copied
+from fxmerge.gate import find_unsound_groups, require_sound
 from fxmerge.infer.registry import RULES
-from fxmerge.verify import find_unsound_groups, require_sound
 
 
 def _wrong_flip_rules():
